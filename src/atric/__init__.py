@@ -1,0 +1,3 @@
+"""atric: audio-text retrieval in context."""
+
+__version__ = "0.1.0"

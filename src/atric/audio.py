@@ -1,0 +1,66 @@
+"""Reading audio files: wav, flac, ogg through soundfile; mp3 through librosa's fallback."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+
+from atric.errors import DataError
+
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+
+
+def load_audio(path: str | Path, sample_rate: int, clip_id: str | None = None) -> np.ndarray:
+    """Mono float32 waveform at ``sample_rate``; DataError naming the file/clip if unreadable or empty."""
+    path = Path(path)
+    what = f"{path}" + (f" (clip {clip_id!r})" if clip_id else "")
+    if not path.exists():
+        raise DataError(f"{what}: audio file not found")
+    try:
+        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+        audio = audio.mean(axis=1)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        audio, rate = _load_fallback(path, what, exc)
+    if audio.size == 0:
+        raise DataError(f"{what}: audio file has zero length")
+    if not np.isfinite(audio).all():
+        raise DataError(f"{what}: audio contains NaN or inf samples")
+    if rate != sample_rate:
+        import librosa
+
+        audio = librosa.resample(audio, orig_sr=rate, target_sr=sample_rate, res_type="soxr_hq")
+    return np.ascontiguousarray(audio, dtype=np.float32)
+
+
+def _load_fallback(path: Path, what: str, first_error: Exception) -> tuple[np.ndarray, int]:
+    # libsndfile builds without mp3 support exist; librosa decodes through audioread then.
+    if path.suffix.lower() != ".mp3":
+        raise DataError(f"{what}: cannot read audio: {first_error}") from first_error
+    try:
+        import librosa
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            audio, rate = librosa.load(path, sr=None, mono=True)
+    except Exception as exc:  # audioread raises backend-specific types
+        raise DataError(f"{what}: cannot read audio: {exc}") from exc
+    return audio.astype(np.float32), int(rate)
+
+
+def audio_duration(path: str | Path, clip_id: str | None = None) -> float:
+    """Duration in seconds from the header (no decoding) where the format allows."""
+    path = Path(path)
+    try:
+        info = sf.info(path)
+        return float(info.frames) / float(info.samplerate)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        import librosa
+
+        try:
+            return float(librosa.get_duration(path=path))
+        except Exception as exc:
+            what = f"{path}" + (f" (clip {clip_id!r})" if clip_id else "")
+            raise DataError(f"{what}: cannot read audio: {exc}") from exc

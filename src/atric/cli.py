@@ -1,0 +1,52 @@
+"""What every stage script shares: params loading with overrides, one error exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from atric.config import PARAMS_FILE, Params, load_params
+from atric.errors import AtricError
+
+EXIT_USER_ERROR = 2
+
+# Keep every tool offline and quiet about analytics (DVC, HF hubs, MLflow telemetry).
+for _name, _value in {
+    "DVC_NO_ANALYTICS": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "1",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+
+def add_params_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="params file (default: params.yaml)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, e.g. --set train.lr=0.003 (repeatable)",
+    )
+
+
+def params_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Params:
+    return load_params(args.params, [*args.overrides, *(extra or [])])
+
+
+def run(main: Callable[[], int | None]) -> None:
+    """Run a stage's main; an AtricError becomes one clear line on stderr and exit code 2."""
+    try:
+        code = main()
+    except AtricError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code or 0)
