@@ -1,0 +1,122 @@
+"""Retrieval metrics from a [captions_per_clip * N, N] similarity matrix (the original's protocol).
+
+Caption row i belongs to clip i // captions_per_clip. Ranks are 0-based positions in
+ascending distance (distance = -similarity); tied values share the average of their
+positions, i.e. rank(v) = #(values > v) + (#(values == v) - 1) / 2, the same as
+``scipy.stats.rankdata(-x, method="average") - 1``.
+
+- t2a: rank of the caption's own clip among the N clips of its row.
+- a2t: rank of a clip = the lowest rank of its captions among all captions of its column.
+- R@1 counts rank == 0 exactly (a tie-averaged 0.5 is not a hit); R@k counts rank < k.
+  A consequence of the protocol, kept as is: if all captions of a clip score exactly
+  the same (e.g. identical captions), they share positions 0..cpc-1 and the clip's a2t
+  rank is (cpc - 1) / 2, so it is not an R@1 hit.
+- mAP@10: t2a has one relevant clip, so AP = 1 / (rank + 1) if rank < 10 else 0. a2t has
+  captions_per_clip relevant captions: with their ranks sorted, r_1 <= r_2 <= ...,
+  AP@10 = (1 / min(10, n_relevant)) * sum over m with r_m < 10 of m / (r_m + 1)
+  (precision at each relevant hit within the top 10, the DCASE definition), using the
+  same tie-averaged ranks.
+
+Everything is vectorised: counting is done by comparisons against the ground-truth
+values, looping only over the (few) caption slots of a clip, never over queries.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from atric.errors import DataError
+
+RECALL_KS: tuple[int, ...] = (1, 5, 10, 50)
+MAP_CUTOFF = 10
+DIRECTIONS: tuple[str, ...] = ("t2a", "a2t")
+
+
+def _tie_averaged_rank(values: np.ndarray, targets: np.ndarray, axis: int) -> np.ndarray:
+    """0-based tie-averaged rank of each target among ``values`` along ``axis`` (descending)."""
+    greater = np.count_nonzero(values > targets, axis=axis)
+    equal = np.count_nonzero(values == targets, axis=axis)  # includes the target itself
+    return greater + (equal - 1) / 2.0
+
+
+def _summary(ranks: np.ndarray, average_precision: np.ndarray, prefix: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in RECALL_KS:
+        # R@1 needs rank exactly 0: a tie-averaged 0.5 (a shared first place) is not a hit.
+        hits = ranks == 0 if k == 1 else ranks < k
+        out[f"{prefix}_R{k}"] = float(100.0 * np.mean(hits))
+    out[f"{prefix}_MedR"] = float(np.median(ranks) + 1)
+    out[f"{prefix}_MeanR"] = float(np.mean(ranks) + 1)
+    out[f"{prefix}_mAP10"] = float(np.mean(average_precision))
+    out[f"{prefix}_geometric_mean"] = float(
+        np.cbrt(out[f"{prefix}_R1"] * out[f"{prefix}_R5"] * out[f"{prefix}_R10"])
+    )
+    return out
+
+
+def retrieval_metrics(sim: np.ndarray, captions_per_clip: int = 5) -> dict[str, float]:
+    """t2a_* and a2t_* R1/R5/R10/R50/MedR/MeanR/mAP10/geometric_mean for a [cpc*N, N] matrix."""
+    if not isinstance(captions_per_clip, (int, np.integer)) or captions_per_clip < 1:
+        raise DataError(f"captions_per_clip must be a positive integer, got {captions_per_clip!r}")
+    sim = np.asarray(sim)
+    if sim.ndim != 2:
+        raise DataError(f"similarity matrix must be 2-D [captions, clips], got shape {sim.shape}")
+    n_captions, n_clips = sim.shape
+    if n_clips == 0:
+        raise DataError("similarity matrix has no clips (N == 0)")
+    if n_captions != captions_per_clip * n_clips:
+        raise DataError(
+            f"similarity matrix has shape {sim.shape}: expected [{captions_per_clip} * N, N] = "
+            f"[{captions_per_clip * n_clips}, {n_clips}] ({captions_per_clip} captions per clip, "
+            f"caption row i belonging to clip i // {captions_per_clip})"
+        )
+    if not np.issubdtype(sim.dtype, np.number) or np.iscomplexobj(sim):
+        raise DataError(f"similarity matrix must be real-valued, got dtype {sim.dtype}")
+    if not np.isfinite(sim).all():
+        raise DataError(f"similarity matrix holds {int(np.size(sim) - np.isfinite(sim).sum())} NaN/inf values")
+
+    clip_of_caption = np.arange(n_captions) // captions_per_clip
+    # Similarity of every caption to its own clip, arranged [slot, clip]: gt[s, c] = sim[c*cpc + s, c].
+    own = sim[np.arange(n_captions), clip_of_caption]
+    gt = own.reshape(n_clips, captions_per_clip).T
+
+    # t2a: each caption row against its own clip's value.
+    t2a_ranks = _tie_averaged_rank(sim, own[:, None], axis=1)
+    t2a_ap = np.where(t2a_ranks < MAP_CUTOFF, 1.0 / (t2a_ranks + 1.0), 0.0)
+
+    # a2t: rank of each caption slot within its clip's column; a loop over the few slots only.
+    slot_ranks = np.stack(
+        [_tie_averaged_rank(sim, gt[slot][None, :], axis=0) for slot in range(captions_per_clip)]
+    )  # [cpc, N]
+    a2t_ranks = slot_ranks.min(axis=0)
+    ordered = np.sort(slot_ranks, axis=0)
+    hit_number = np.arange(1, captions_per_clip + 1, dtype=float)[:, None]
+    precision = np.where(ordered < MAP_CUTOFF, hit_number / (ordered + 1.0), 0.0)
+    a2t_ap = precision.sum(axis=0) / min(MAP_CUTOFF, captions_per_clip)
+
+    return {**_summary(t2a_ranks, t2a_ap, "t2a"), **_summary(a2t_ranks, a2t_ap, "a2t")}
+
+
+def format_metrics_table(metrics: dict[str, float]) -> str:
+    """A small aligned text table: one row per direction present in ``metrics``."""
+    columns = [(f"R{k}", f"R@{k}") for k in RECALL_KS] + [
+        ("MedR", "MedR"),
+        ("MeanR", "MeanR"),
+        ("mAP10", "mAP@10"),
+        ("geometric_mean", "geo"),
+    ]
+    header = ["dir"] + [label for _, label in columns]
+    rows = []
+    for direction in DIRECTIONS:
+        if not any(key.startswith(direction + "_") for key in metrics):
+            continue
+        cells = [direction]
+        for key, _ in columns:
+            value = metrics.get(f"{direction}_{key}")
+            cells.append("-" if value is None else f"{value:.3f}" if key == "mAP10" else f"{value:.2f}")
+        rows.append(cells)
+    if not rows:
+        raise DataError("format_metrics_table: no t2a_* or a2t_* keys in the metrics")
+    widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in [header] + rows]
+    return "\n".join(lines)

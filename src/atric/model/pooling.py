@@ -1,0 +1,172 @@
+"""Temporal poolings: a padded sequence [B, T, D] plus a mask [B, T] -> one vector per row.
+
+Every pooling here honours the mask: whatever the padded frames hold (zeros, garbage,
+even NaN) cannot change the output, and a clip pooled alone gives the same vector as
+the same clip padded inside a batch (in eval mode). The original ignored the mask in
+max and NetVLAD pooling; that is the bug fixed here.
+
+A row with no real frame at all pools to the zero vector (denominators are clamped),
+so it never produces NaN; callers should not feed such rows (every caption and clip
+has at least one frame), but a stray one does not poison the batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from atric.errors import ConfigError, DataError
+
+POOLINGS: tuple[str, ...] = ("mean", "max", "lstm", "netvlad", "netrvlad")
+
+
+def _check_inputs(x: Tensor, mask: Tensor, input_dim: int) -> Tensor:
+    """Validate shapes and return x with padded frames zeroed (so NaN garbage cannot leak)."""
+    if x.dim() != 3:
+        raise DataError(f"pooling input must be [batch, frames, dim], got shape {tuple(x.shape)}")
+    if x.shape[-1] != input_dim:
+        raise DataError(f"pooling input has feature dim {x.shape[-1]}, the pooling was built for {input_dim}")
+    if mask.shape != x.shape[:2]:
+        raise DataError(f"pooling mask shape {tuple(mask.shape)} does not match input frames {tuple(x.shape[:2])}")
+    if mask.dtype != torch.bool:
+        raise DataError(f"pooling mask must be bool (True = real frame), got {mask.dtype}")
+    # torch.where (not multiplication) so that NaN/inf in padding becomes an exact 0.
+    return torch.where(mask.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def _frame_counts(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """Number of real frames per row as [B, 1], clamped to >= 1 to keep empty rows finite."""
+    return mask.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
+
+
+class MeanPooling(nn.Module):
+    """L2-normalise each frame, average the real frames, L2-normalise the average."""
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.output_dim = input_dim
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = _check_inputs(x, mask, self.input_dim)
+        frames = F.normalize(x, dim=-1)  # zero frames stay zero (eps in the norm)
+        pooled = frames.sum(dim=1) / _frame_counts(mask, x.dtype)
+        return F.normalize(pooled, dim=-1)
+
+
+class MaxPooling(nn.Module):
+    """Element-wise max over the real frames only (padded frames are set to -inf first)."""
+
+    def __init__(self, input_dim: int) -> None:
+        super().__init__()
+        self.input_dim = input_dim
+        self.output_dim = input_dim
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = _check_inputs(x, mask, self.input_dim)
+        filled = x.masked_fill(~mask.unsqueeze(-1), float("-inf"))
+        pooled = filled.max(dim=1).values
+        # A row without real frames would be all -inf: give it zeros instead.
+        has_frames = mask.any(dim=1, keepdim=True)
+        return torch.where(has_frames, pooled, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+class LSTMPooling(nn.Module):
+    """One-layer LSTM over the real frames; output = mean of its hidden states over real frames.
+
+    Real frames are moved to the front of each row (stable, so their order is kept) and the
+    batch is packed, so the LSTM never steps over padding, whatever the mask's layout.
+    """
+
+    def __init__(self, input_dim: int, hidden: int) -> None:
+        super().__init__()
+        if hidden < 1:
+            raise ConfigError(f"lstm_hidden must be >= 1, got {hidden}")
+        self.input_dim = input_dim
+        self.output_dim = hidden
+        self.lstm = nn.LSTM(input_dim, hidden, num_layers=1, batch_first=True)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = _check_inputs(x, mask, self.input_dim)
+        batch, frames, dim = x.shape
+        # Stable sort on "is padding" puts real frames first, in their original order.
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        x = x.gather(1, order.unsqueeze(-1).expand(batch, frames, dim))
+        lengths = mask.sum(dim=1)
+        # pack_padded_sequence rejects zero lengths: run empty rows on one (zero) frame, drop later.
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        hidden, _ = pad_packed_sequence(out, batch_first=True, total_length=frames)  # zeros past length
+        pooled = hidden.sum(dim=1) / _frame_counts(mask, hidden.dtype)
+        return pooled * (lengths > 0).unsqueeze(-1).to(pooled.dtype)
+
+
+class NetVLADPooling(nn.Module):
+    """NetVLAD (with_centres=True) or NetRVLAD (False) over the real frames.
+
+    Soft assignment = softmax(BatchNorm(x W)) over K + G clusters; the G ghost clusters
+    absorb uninformative frames and are dropped after the softmax. BatchNorm sees only
+    the real frames (they are gathered before it), so padding cannot shift its batch
+    statistics in training or its running statistics.
+    """
+
+    def __init__(self, input_dim: int, clusters: int, ghost_clusters: int, *, with_centres: bool) -> None:
+        super().__init__()
+        if clusters < 1:
+            raise ConfigError(f"clusters must be >= 1, got {clusters}")
+        if ghost_clusters < 0:
+            raise ConfigError(f"ghost_clusters must be >= 0, got {ghost_clusters}")
+        self.input_dim = input_dim
+        self.clusters = clusters
+        self.ghost_clusters = ghost_clusters
+        self.with_centres = with_centres
+        self.output_dim = clusters * input_dim
+        scale = 1.0 / math.sqrt(input_dim)
+        self.assign = nn.Parameter(scale * torch.randn(input_dim, clusters + ghost_clusters))
+        self.assign_bn = nn.BatchNorm1d(clusters + ghost_clusters)
+        if with_centres:
+            self.centres = nn.Parameter(scale * torch.randn(clusters, input_dim))
+        else:
+            self.register_parameter("centres", None)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = _check_inputs(x, mask, self.input_dim)
+        batch, frames, _ = x.shape
+        real = x[mask]  # [N_real, D]: only real frames reach BatchNorm
+        logits = self.assign_bn(real @ self.assign)
+        soft = torch.softmax(logits, dim=-1)[:, : self.clusters]  # ghosts dropped after softmax
+        assignment = x.new_zeros(batch, frames, self.clusters)
+        assignment[mask] = soft  # padded frames keep weight 0
+        vlad = torch.einsum("btk,btd->bkd", assignment, x)  # [B, K, D]
+        if self.centres is not None:
+            vlad = vlad - assignment.sum(dim=1).unsqueeze(-1) * self.centres.unsqueeze(0)
+        vlad = F.normalize(vlad, dim=-1)  # intra-normalisation, per cluster
+        return F.normalize(vlad.reshape(batch, self.output_dim), dim=-1)
+
+
+def build_pooling(
+    name: str,
+    input_dim: int,
+    *,
+    clusters: int = 12,
+    ghost_clusters: int = 0,
+    lstm_hidden: int = 2048,
+) -> nn.Module:
+    """Build a pooling by name; the module maps (x [B,T,D], mask [B,T]) -> [B, output_dim]."""
+    if input_dim < 1:
+        raise ConfigError(f"pooling input_dim must be >= 1, got {input_dim}")
+    if name == "mean":
+        return MeanPooling(input_dim)
+    if name == "max":
+        return MaxPooling(input_dim)
+    if name == "lstm":
+        return LSTMPooling(input_dim, lstm_hidden)
+    if name == "netvlad":
+        return NetVLADPooling(input_dim, clusters, ghost_clusters, with_centres=True)
+    if name == "netrvlad":
+        return NetVLADPooling(input_dim, clusters, ghost_clusters, with_centres=False)
+    raise ConfigError(f"unknown pooling {name!r}; valid poolings: {', '.join(POOLINGS)}")
