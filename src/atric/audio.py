@@ -53,14 +53,20 @@ def _load_fallback(path: Path, what: str, first_error: Exception) -> tuple[np.nd
 def audio_duration(path: str | Path, clip_id: str | None = None) -> float:
     """Duration in seconds from the header (no decoding) where the format allows."""
     path = Path(path)
+    what = f"{path}" + (f" (clip {clip_id!r})" if clip_id else "")
+    if not path.exists():
+        raise DataError(f"{what}: audio file not found")
     try:
         info = sf.info(path)
         return float(info.frames) / float(info.samplerate)
-    except (sf.LibsndfileError, RuntimeError, TypeError):
+    except (sf.LibsndfileError, RuntimeError, TypeError) as first_error:
+        # Same rule as load_audio: only mp3 may fall back, so a file prepare accepts
+        # is a file extraction can read.
+        if path.suffix.lower() != ".mp3":
+            raise DataError(f"{what}: cannot read audio: {first_error}") from first_error
         import librosa
 
         try:
             return float(librosa.get_duration(path=path))
         except Exception as exc:
-            what = f"{path}" + (f" (clip {clip_id!r})" if clip_id else "")
             raise DataError(f"{what}: cannot read audio: {exc}") from exc

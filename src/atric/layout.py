@@ -463,6 +463,9 @@ _SAFE_PICKLE_GLOBALS = {
     ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "scalar"),
+    # Protocol 5 (Python 3.8+ HIGHEST_PROTOCOL) rebuilds arrays with frombuffer+reshape.
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy.dtypes", "Float32DType"),
     ("numpy.dtypes", "Float64DType"),
 }

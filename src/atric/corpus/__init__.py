@@ -1,0 +1,1 @@
+"""Corpora: the embedded synthetic corpus (synth) and importers of real release formats."""
