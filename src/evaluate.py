@@ -1,0 +1,52 @@
+"""Stage `evaluate`: metrics of a trained run's checkpoint on a split.
+
+    python src/evaluate.py [--run logmel-netrvlad] [--expert E --pooling P] [--split test] [--checkpoint best]
+
+Reads params sections `data`, `text`, `train`, `evaluate`. Writes metrics/<split>/<run>.json
+and prints the metrics table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from atric.cli import add_params_arguments, params_from_args, run
+from atric.engine import evaluate_checkpoint, run_name_for
+from atric.metrics import format_metrics_table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_params_arguments(parser)
+    parser.add_argument("--run", help="run name (default: <train.experts>-<train.pooling>)")
+    parser.add_argument(
+        "--expert", action="append", default=[], help="audio expert (repeatable): train.experts"
+    )
+    parser.add_argument("--pooling", help="audio pooling: train.pooling")
+    parser.add_argument("--split", help="evaluate.split (val | test)")
+    parser.add_argument("--checkpoint", help="evaluate.checkpoint (best | last)")
+    args = parser.parse_args()
+    extra = []
+    if args.expert:
+        extra.append(f"train.experts={json.dumps(args.expert)}")
+    if args.pooling:
+        extra.append(f"train.pooling={json.dumps(args.pooling)}")
+    if args.split:
+        extra.append(f"evaluate.split={json.dumps(args.split)}")
+    if args.checkpoint:
+        extra.append(f"evaluate.checkpoint={json.dumps(args.checkpoint)}")
+    params = params_from_args(args, extra)
+    run_name = args.run or run_name_for(params.train)
+    metrics = evaluate_checkpoint(
+        params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
+    )
+    print(
+        f"{run_name} ({params.evaluate.checkpoint} checkpoint, epoch {metrics['epoch']}) on {params.evaluate.split}:"
+    )
+    print(format_metrics_table(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

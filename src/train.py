@@ -1,0 +1,47 @@
+"""Stage `train`: train one run <expert>-<pooling> on the train split, select on val.
+
+    python src/train.py [--expert logmel [--expert aisfx]] [--pooling netvlad]
+                        [--resume | --restart] [--set train.lr=0.003]
+
+Reads params sections `data`, `text`, `train`. Writes models/<run>/{best,last}.pt,
+metrics/<run>.json and metrics/<run>_history.json (see atric.engine). A run started again
+with the same params continues from models/<run>/last.pt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from atric.cli import add_params_arguments, params_from_args, run
+from atric.engine import run_name_for, train
+from atric.metrics import format_metrics_table
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_params_arguments(parser)
+    parser.add_argument(
+        "--expert", action="append", default=[], help="audio expert (repeatable): train.experts"
+    )
+    parser.add_argument("--pooling", help="audio pooling: train.pooling")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true", help="continue models/<run>/last.pt (must exist)")
+    group.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
+    args = parser.parse_args()
+    extra = []
+    if args.expert:
+        extra.append(f"train.experts={json.dumps(args.expert)}")
+    if args.pooling:
+        extra.append(f"train.pooling={json.dumps(args.pooling)}")
+    params = params_from_args(args, extra)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    result = train(params, run_name=run_name_for(params.train), resume=args.resume, restart=args.restart)
+    print(f"{result.run_name}: best epoch {result.best_epoch} of {len(result.history)} (val)")
+    print(format_metrics_table(result.best_metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

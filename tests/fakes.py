@@ -1,0 +1,91 @@
+"""A tiny random seed layout on disk, so training tests need no audio or extraction.
+
+Features are not pure noise: each clip gets a random "topic" vector that shows up in
+both its audio frames and its caption words, so a model can learn something and
+metrics move (while staying tiny and fast).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from atric.layout import Clip, Layout, write_features, write_index, write_text_embeddings
+
+DATASET = "Fake"
+VECTORS = "fakevec"
+
+
+def write_fake_layout(
+    root: Path,
+    *,
+    clips: dict[str, int] | None = None,
+    experts: dict[str, int] | None = None,
+    text_dim: int = 6,
+    frames: tuple[int, int] = (3, 12),
+    words: tuple[int, int] = (2, 7),
+    train_captions: int = 5,
+    seed: int = 0,
+    dataset: str = DATASET,
+) -> Layout:
+    """Write Index JSON, features for each expert and text embeddings for train/val/test."""
+    clips = clips or {"train": 24, "val": 10, "test": 10}
+    experts = experts or {"fa": 8, "fb": 5}
+    rng = np.random.default_rng(seed)
+    layout = Layout(dataset, root)
+    for split, count in clips.items():
+        ids = [f"{split}_{i:03d}" for i in range(count)]
+        n_captions = train_captions if split == "train" else 5
+        index = [Clip(cid, tuple(f"caption {k} of {cid}" for k in range(n_captions))) for cid in ids]
+        write_index(layout.index_path(split), index, split)
+        topics = rng.normal(size=(count, 16)).astype(np.float32)
+        for expert, dim in experts.items():
+            project = rng.normal(size=(16, dim)).astype(np.float32)
+            arrays = []
+            for c in range(count):
+                t = int(rng.integers(frames[0], frames[1] + 1))
+                arrays.append((ids[c], topics[c] @ project + rng.normal(size=(t, dim)).astype(np.float32)))
+            write_features(layout.features_path(expert, split), arrays, {"expert": expert, "dim": dim})
+        project = rng.normal(size=(16, text_dim)).astype(np.float32)
+        embeddings = {
+            cid: [
+                topics[c] @ project
+                + rng.normal(size=(int(rng.integers(words[0], words[1] + 1)), text_dim)).astype(np.float32)
+                for _ in range(n_captions)
+            ]
+            for c, cid in enumerate(ids)
+        }
+        write_text_embeddings(layout.text_path(VECTORS, split), embeddings, {"vectors": VECTORS})
+    return layout
+
+
+def tiny_params(root: Path, **train: Any) -> dict[str, Any]:
+    """A params.yaml dict for the fake layout with tiny model dims (override via ``train``)."""
+    return {
+        "data": {"dataset": DATASET, "root": str(root / "data")},
+        "text": {"vectors": VECTORS},
+        "train": {
+            "experts": ["fa"],
+            "pooling": "netrvlad",
+            "text_pooling": "mean",
+            "embed_dim": 8,
+            "audio_clusters": 2,
+            "text_clusters": 2,
+            "lstm_hidden": 6,
+            "lr": 0.01,
+            "epochs": 2,
+            "batch_size": 16,
+            "device": "cpu",
+            "models_dir": str(root / "models"),
+            "metrics_dir": str(root / "metrics"),
+            **train,
+        },
+    }
+
+
+def write_params(path: Path, params: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    return path

@@ -1,0 +1,165 @@
+"""Splits, feature checks, padding and collation (atric.data)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+sys.path.insert(0, str(Path(__file__).parent))
+import fakes
+
+from atric.data import (
+    DEFAULT_MAX_FRAMES,
+    LENGTH_PERCENTILE,
+    EpochSampler,
+    PairCollate,
+    PairDataset,
+    open_split,
+    pad_frames,
+)
+from atric.errors import DataError
+from atric.layout import Clip, Layout, write_index
+
+
+@pytest.fixture(scope="module")
+def layout(tmp_path_factory: pytest.TempPathFactory) -> Layout:
+    return fakes.write_fake_layout(tmp_path_factory.mktemp("data"), clips={"train": 12, "val": 4, "test": 4})
+
+
+def _open(layout: Layout, split: str = "train", **kw):
+    kw.setdefault("max_frames", {})
+    return open_split(layout, split, experts=["fa", "fb"], vectors=fakes.VECTORS, **kw)
+
+
+def test_pad_frames_cuts_to_the_first_frames_and_pads_with_a_mask() -> None:
+    long = np.arange(12, dtype=np.float32).reshape(6, 2)  # 6 frames, cut to 4
+    short = np.ones((2, 2), dtype=np.float32)  # 2 frames, padded to 4
+    x, mask = pad_frames([long, short], 4)
+    assert x.shape == (2, 4, 2) and mask.dtype == torch.bool
+    assert torch.equal(x[0], torch.from_numpy(long[:4]))
+    assert torch.equal(x[1, :2], torch.ones(2, 2)) and torch.equal(x[1, 2:], torch.zeros(2, 2))
+    assert mask.tolist() == [[True] * 4, [True, True, False, False]]
+
+
+def test_collate_groups_captions_of_the_same_clip_into_one_audio_column() -> None:
+    def frames(value: float, t: int) -> dict[str, np.ndarray]:
+        return {"fa": np.full((t, 3), value, np.float32), "fb": np.full((t, 2), -value, np.float32)}
+
+    samples = [
+        (7, frames(7, 5), np.ones((2, 4), np.float32)),
+        (3, frames(3, 1), np.ones((3, 4), np.float32)),
+        (7, frames(7, 5), np.ones((1, 4), np.float32)),  # clip 7's second caption
+        (9, frames(9, 2), np.ones((4, 4), np.float32)),
+    ]
+    batch = PairCollate({"fa": 4, "fb": 2})(samples)
+    assert batch.clip_index.tolist() == [7, 3, 9]
+    assert batch.caption_clip.tolist() == [0, 1, 0, 2]
+    x, mask = batch.audio["fa"]
+    assert x.shape == (3, 4, 3)
+    assert mask.sum(dim=1).tolist() == [4, 1, 2]  # cut to 4, then real lengths
+    assert torch.all(x[0] == 7) and torch.all(x[1, 0] == 3) and torch.all(x[1, 1:] == 0)
+    assert batch.audio["fb"][0].shape == (3, 2, 2)  # each expert has its own length
+    assert batch.words.shape == (4, 4, 4)  # padded to the longest caption of the batch
+    assert batch.word_mask.sum(dim=1).tolist() == [2, 3, 1, 4]
+    assert torch.all(batch.words[2, 1:] == 0)
+
+
+def test_open_split_checks_and_resolves_padded_lengths(layout: Layout) -> None:
+    data = _open(layout, max_frames={"fa": 5})
+    assert data.expert_dims == {"fa": 8, "fb": 5} and data.text_dim == 6
+    assert len(data.words) == 12 * 5 and data.caption_clip.tolist() == [i // 5 for i in range(60)]
+    assert data.max_frames["fa"] == 5  # from params
+    expected = int(np.ceil(np.percentile(data.experts["fb"].lengths, LENGTH_PERCENTILE)))
+    assert data.max_frames["fb"] == expected  # unknown dataset: 95th percentile of train lengths
+    item_clip, frames, words = PairDataset(data)[7]
+    assert item_clip == 1 and frames["fa"].shape[0] <= 5 and words.shape[1] == 6
+
+
+def test_known_datasets_use_the_papers_lengths(tmp_path: Path) -> None:
+    for dataset in ("CLOTHO", "AudioCaps"):  # AudioCaps also exercises the CSV index
+        fake = fakes.write_fake_layout(tmp_path, clips={"train": 3}, experts={"vggish": 4}, dataset=dataset)
+        data = open_split(fake, "train", experts=["vggish"], vectors=fakes.VECTORS, max_frames={})
+        assert data.max_frames == {"vggish": DEFAULT_MAX_FRAMES[dataset]["vggish"]}
+    assert DEFAULT_MAX_FRAMES["CLOTHO"]["efficientlatent"] > 0
+
+
+def test_cached_and_streamed_features_are_identical(layout: Layout) -> None:
+    cached = _open(layout, cache_in_ram="yes")
+    streamed = _open(layout, cache_in_ram="no")
+    assert cached.cached and not streamed.cached
+    for clip in range(len(cached)):
+        for name in ("fa", "fb"):
+            np.testing.assert_array_equal(
+                cached.experts[name].frames(clip), streamed.experts[name].frames(clip)
+            )
+    assert _open(layout).cached  # auto: tiny features are cached
+
+
+def test_streaming_works_in_dataloader_workers(layout: Layout) -> None:
+    data = _open(layout, cache_in_ram="no")
+    data.experts["fa"].frames(0)  # the parent holds an open handle before forking
+    loader = DataLoader(
+        PairDataset(data),
+        batch_size=8,
+        collate_fn=PairCollate(data.max_frames),
+        num_workers=2,
+        drop_last=True,
+    )
+    batches = list(loader)
+    assert len(batches) == 60 // 8
+    first = PairCollate(data.max_frames)([PairDataset(data)[i] for i in range(8)])
+    assert torch.equal(batches[0].audio["fa"][0], first.audio["fa"][0])
+
+
+def test_wrong_feature_dim_names_file_and_clip(tmp_path: Path) -> None:
+    bad = fakes.write_fake_layout(tmp_path, clips={"train": 4})
+    path = bad.features_path("fa", "train")
+    with h5py.File(path, "a") as h5:
+        del h5["train_002"]
+        h5.create_dataset("train_002", data=np.zeros((3, 9), np.float32))
+        del h5.attrs["dim"]  # dim then comes from the first clip
+    with pytest.raises(DataError, match=r"fa\.h5.*'train_002'.*dim 9, expected 8"):
+        _open(bad)
+
+
+def test_dim_different_from_the_models_is_refused(layout: Layout) -> None:
+    with pytest.raises(DataError, match=r"fa\.h5: feature dim is 8.*expects 16"):
+        _open(layout, expert_dims={"fa": 16, "fb": 5})
+
+
+def test_missing_features_and_empty_split_are_data_errors(tmp_path: Path) -> None:
+    bad = fakes.write_fake_layout(tmp_path, clips={"train": 4, "val": 2})
+    with h5py.File(bad.features_path("fb", "train"), "a") as h5:
+        del h5["train_001"]
+    with pytest.raises(DataError, match=r"fb\.h5: 1 clip\(s\) of the index have no features.*'train_001'"):
+        _open(bad)
+    write_index(bad.index_path("val"), [])
+    with pytest.raises(DataError, match="val split has no clips"):
+        _open(bad, "val")
+
+
+def test_caption_count_mismatch_with_text_embeddings(tmp_path: Path) -> None:
+    bad = fakes.write_fake_layout(tmp_path, clips={"train": 3})
+    write_index(bad.index_path("train"), [Clip(f"train_{i:03d}", ("one", "two")) for i in range(3)])
+    with pytest.raises(DataError, match="5 caption embeddings but 2 captions"):
+        _open(bad)
+
+
+def test_epoch_sampler_depends_only_on_seed_and_epoch() -> None:
+    sampler = EpochSampler(50, seed=3)
+    sampler.set_epoch(2)
+    order = list(sampler)
+    assert sorted(order) == list(range(50))
+    again = EpochSampler(50, seed=3)
+    again.set_epoch(1)
+    list(again)  # consuming an earlier epoch changes nothing
+    again.set_epoch(2)
+    assert list(again) == order
+    sampler.set_epoch(3)
+    assert list(sampler) != order
