@@ -44,14 +44,51 @@ class SynthParams(Section):
         return self
 
 
+# The default corpus's folder, and the seed layout's folders of the two public corpora.
+SYNTH_DATASET = "SynthCaps"
+SEED_DATASETS = {"clotho": "CLOTHO", "audiocaps": "AudioCaps"}
+
+
 class DataParams(Section):
+    """Where the raw corpus is and which folder under ``root`` it becomes.
+
+    ``dataset`` names the folder ``<root>/<dataset>``. Left out, it defaults by
+    source: SynthCaps, CLOTHO or AudioCaps (the seed folders). Set explicitly, it is
+    kept (e.g. a subset "ClothoSmall"; the Index style follows the folder name: CSV
+    only for AudioCaps), except that the synthetic corpus's folder with a real source
+    is refused rather than rewritten: dvc.yaml templates outs from the literal
+    ``${data.dataset}``, so a silent rename would make DVC and prepare disagree.
+    A seed name is not refused here for another source (precomputed seed features
+    train without ``prepare``); ``prepare`` refuses to write one corpus into another's
+    seed folder.
+    """
+
     source: Literal["synth", "clotho", "audiocaps"] = "synth"
-    dataset: str = "SynthCaps"
+    dataset: str = Field(SYNTH_DATASET, min_length=1)
     raw_dir: str = "data/raw"
     root: str = "data"
     sample_rate: int = Field(16000, ge=8000)
     seed: int = 0
     synth: SynthParams = SynthParams()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dataset_default_by_source(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "dataset" not in data:
+            source = data.get("source", "synth")
+            if isinstance(source, str) and source in SEED_DATASETS:
+                data = {**data, "dataset": SEED_DATASETS[source]}
+        return data
+
+    @model_validator(mode="after")
+    def _dataset_matches_source(self) -> "DataParams":
+        if self.source in SEED_DATASETS and self.dataset == SYNTH_DATASET:
+            raise ValueError(
+                f"dataset {SYNTH_DATASET!r} is the synthetic corpus's folder but source is "
+                f"{self.source!r}; set data.dataset to {SEED_DATASETS[self.source]!r} (the seed "
+                "layout) or a name of your own"
+            )
+        return self
 
 
 class FeaturesParams(Section):
@@ -75,17 +112,30 @@ class FeaturesParams(Section):
         return dict(value)
 
 
+class Word2VecParams(Section):
+    """``text.vectors: train``: gensim Word2Vec on the training captions (seeded, one worker)."""
+
+    vector_size: int = Field(100, ge=1)
+    window: int = Field(5, ge=1)
+    min_count: int = Field(1, ge=1)
+    epochs: int = Field(20, ge=1)
+    sg: Literal[0, 1] = 1  # skip-gram: better than CBOW on a corpus of a few thousand captions
+    seed: int = 0
+
+
 class TextParams(Section):
     vectors: str = "glove-6b-50d"
     max_words: int = Field(20, ge=1)
     cache_dir: str = "data/cache"
     on_empty: Literal["raise", "unk"] = "raise"
-    word2vec: dict[str, Any] = {}
+    word2vec: Word2VecParams = Word2VecParams()
 
 
 class TrainParams(Section):
     experts: list[str] = ["logmel"]
     pooling: str = "netrvlad"
+    # The pipeline's run matrix: features.experts x train.poolings (dvc.yaml `matrix`).
+    poolings: list[str] = ["mean", "max", "lstm", "netvlad", "netrvlad"]
     text_pooling: str = "netvlad"
     embed_dim: int = Field(256, ge=1)
     audio_clusters: int = Field(12, ge=1)
