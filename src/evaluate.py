@@ -13,6 +13,7 @@ import json
 
 from atric.cli import add_params_arguments, params_from_args, run
 from atric.engine import evaluate_checkpoint, run_name_for
+from atric.experiment import log_evaluation
 from atric.metrics import format_metrics_table
 
 
@@ -41,6 +42,7 @@ def main() -> int:
     metrics = evaluate_checkpoint(
         params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
     )
+    log_evaluation(params, run_name, metrics, params.evaluate.split)
     print(
         f"{run_name} ({params.evaluate.checkpoint} checkpoint, epoch {metrics['epoch']}) on {params.evaluate.split}:"
     )

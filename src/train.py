@@ -15,7 +15,8 @@ import json
 import logging
 
 from atric.cli import add_params_arguments, params_from_args, run
-from atric.engine import run_name_for, train
+from atric.engine import run_name_for
+from atric.experiment import train_tracked
 from atric.metrics import format_metrics_table
 
 
@@ -29,6 +30,12 @@ def main() -> int:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue models/<run>/last.pt (must exist)")
     group.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
+    group.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="as `dvc repro` runs it: continue an interrupted run with the same params, otherwise "
+        "keep the old checkpoints under models/.previous/ and start fresh",
+    )
     args = parser.parse_args()
     extra = []
     if args.expert:
@@ -37,7 +44,8 @@ def main() -> int:
         extra.append(f"train.pooling={json.dumps(args.pooling)}")
     params = params_from_args(args, extra)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = train(params, run_name=run_name_for(params.train), resume=args.resume, restart=args.restart)
+    policy = "resume" if args.resume else "restart" if args.restart else "pipeline" if args.pipeline else "auto"
+    result = train_tracked(params, run_name=run_name_for(params.train), policy=policy)
     print(f"{result.run_name}: best epoch {result.best_epoch} of {len(result.history)} (val)")
     print(format_metrics_table(result.best_metrics))
     return 0

@@ -123,7 +123,7 @@ class RetrievalModel(nn.Module):
                 f"audio experts do not match the model: missing {missing}, unexpected {extra}; "
                 f"the model expects {list(self.experts)}"
             )
-        sizes = {name: audio[name][0].shape[0] for name in self.experts}
+        sizes = {name: int(audio[name][0].shape[0]) for name in self.experts}
         if len(set(sizes.values())) != 1:
             raise DataError(f"audio experts disagree on the batch size: {sizes}")
         return {
