@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from atric.cli import add_params_arguments, params_from_args, run
 from atric.engine import evaluate_checkpoint, run_name_for
 from atric.experiment import log_evaluation
 from atric.metrics import format_metrics_table
+from atric.report import write_recall_curve
 
 
 def main() -> int:
@@ -43,6 +45,7 @@ def main() -> int:
         params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
     )
     log_evaluation(params, run_name, metrics, params.evaluate.split)
+    write_recall_curve(Path(params.train.metrics_dir), run_name, metrics)
     print(
         f"{run_name} ({params.evaluate.checkpoint} checkpoint, epoch {metrics['epoch']}) on {params.evaluate.split}:"
     )

@@ -4,7 +4,7 @@
                         [--resume | --restart] [--set train.lr=0.003]
 
 Reads params sections `data`, `text`, `train`. Writes models/<run>/{best,last}.pt,
-metrics/<run>.json and metrics/<run>_history.json (see atric.engine). A run started again
+metrics/<run>.json and metrics/history/<run>.json (see atric.engine). A run started again
 with the same params continues from models/<run>/last.pt.
 """
 

@@ -136,7 +136,7 @@ def test_killed_subprocess_restarted_with_the_same_command_continues(data_root: 
     params_file = fakes.write_params(tmp_path / "params.yaml", raw)
     env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, str(REPO / "src" / "train.py"), "--params", str(params_file)]
-    history_path = tmp_path / "killed" / "metrics" / "fa-netvlad_history.json"
+    history_path = tmp_path / "killed" / "metrics" / "history" / "fa-netvlad.json"
 
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
@@ -270,7 +270,7 @@ def test_cli_train_then_evaluate(
     out = capsys.readouterr().out
     assert "R@10" in out and "t2a" in out and "a2t" in out
     saved = read_json(tmp_path / "metrics" / "val" / "fb-max.json")
-    history = read_json(tmp_path / "metrics" / "fb-max_history.json")
+    history = read_json(tmp_path / "metrics" / "history" / "fb-max.json")
     assert saved["t2a_R1"] == history[0]["val_t2a_R1"]  # evaluation = the validation of training
     assert run_cli("evaluate.py", [*common, "--run", "nope"], monkeypatch) == 2
     assert "checkpoint not found" in capsys.readouterr().err

@@ -6,7 +6,7 @@ A run ``<experts>-<pooling>`` writes
                                AMP scaler, RNG states, epoch, best score, history, config
 <models_dir>/<run>/best.pt     model + loss weights and config of the best validation epoch
 <metrics_dir>/<run>.json       the best epoch's row (val_* metrics) + best_epoch, epochs
-<metrics_dir>/<run>_history.json   one row per epoch: epoch, train_loss, lr, val_t2a_R1, ...
+<metrics_dir>/history/<run>.json  one row per epoch: epoch, train_loss, lr, val_t2a_R1, ...
 <metrics_dir>/<split>/<run>.json   evaluate_checkpoint(): epoch + t2a_* / a2t_* metrics
 ```
 Every file is written through a temp file and a rename. A run started again with the same
@@ -92,7 +92,7 @@ class RunPaths:
             best=run_dir / BEST_CHECKPOINT,
             last=run_dir / LAST_CHECKPOINT,
             metrics=metrics_dir / f"{run_name}.json",
-            history=metrics_dir / f"{run_name}_history.json",
+            history=metrics_dir / "history" / f"{run_name}.json",
         )
 
 
@@ -116,7 +116,7 @@ class TrainResult:
     best_epoch: int
     best_score: float  # val t2a_geometric_mean of the best epoch
     best_metrics: dict[str, float]  # val metrics of the best epoch (t2a_R1, ..., no prefix)
-    history: list[dict[str, float]]  # one row per epoch, as in <run>_history.json
+    history: list[dict[str, float]]  # one row per epoch, as in history/<run>.json
     paths: RunPaths
     resumed_from: int  # epoch of the checkpoint continued from; 0 for a fresh run
     epochs_run: int  # epochs trained by this call

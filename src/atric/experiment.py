@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from atric import tracking
 from atric.config import Params, flatten
 from atric.device import resolve_device
-from atric.engine import RunPaths, TrainResult, load_checkpoint, run_name_for, train
+from atric.engine import RunPaths, TrainResult, check_names, load_checkpoint, run_name_for, train
 from atric.errors import CheckpointError
 from atric.model import RetrievalModel
 
@@ -108,6 +108,7 @@ def train_tracked(
 ) -> TrainResult:
     """Train one run inside an MLflow run; artifacts: checkpoints, metrics, the model."""
     run_name = run_name or run_name_for(params.train)
+    check_names(params.train)  # a typo must fail before an MLflow run or a folder is created
     paths = RunPaths.of(params.train, run_name)
     resume, restart = policy == "resume", policy == "restart"
     if policy == "pipeline":

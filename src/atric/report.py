@@ -29,6 +29,24 @@ TABLE_COLUMNS: tuple[tuple[str, str, bool], ...] = (
 RECALL_KS = (1, 5, 10, 50)
 
 
+def recall_curve(metrics: Mapping[str, float]) -> list[dict[str, float]]:
+    """Rows {K, t2a_recall, a2t_recall} for DVC's recall@K plot of one run."""
+    return [
+        {"K": k, "t2a_recall": float(metrics[f"t2a_R{k}"]), "a2t_recall": float(metrics[f"a2t_R{k}"])}
+        for k in RECALL_KS
+    ]
+
+
+def recall_curve_path(metrics_dir: Path, run_name: str) -> Path:
+    return metrics_dir / "recall" / f"{run_name}.json"
+
+
+def write_recall_curve(metrics_dir: Path, run_name: str, metrics: Mapping[str, float]) -> Path:
+    path = recall_curve_path(metrics_dir, run_name)
+    write_text_atomic(path, json.dumps(recall_curve(metrics), indent=1) + "\n")
+    return path
+
+
 def load_run_metrics(directory: Path) -> dict[str, dict[str, float]]:
     """``metrics/test/<run>.json`` files -> {run: metrics}; a run is named ``<expert>-<pooling>``."""
     runs: dict[str, dict[str, float]] = {}

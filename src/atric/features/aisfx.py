@@ -1,0 +1,219 @@
+"""The pretrained sound-effects CNN shipped by the ``aisfx`` package, run as a sequence model.
+
+aisfx (the "X-Sequential-CE" model of its ISMIR paper) embeds one 100-frame block of a
+44.1 kHz, 96-band log-mel spectrogram (hop 1024, so about 2.3 s) into 512 numbers:
+four conv blocks, mean over frequency, max over time. We slide that block over the
+clip with a step of ``block_step_frames`` spectrogram frames (default 24, about
+0.56 s), so a clip becomes a [T, 512] sequence.
+
+Two ways to run it (``mode``):
+- ``shared`` (default): the conv stack runs once over the whole clip and each
+  window's embedding is the max over its 12 (= 100 / 8) positions of the
+  frequency-averaged feature map. Cost does not grow with overlap: about 3x faster
+  than ``blocks`` at step 24 on a CPU. Windows see their real neighbours instead
+  of zero padding at the block edges, so embeddings differ slightly from
+  ``blocks`` (cosine about 0.93-0.98 on test sounds). The step must be a multiple
+  of 8 frames (the conv stack's time stride).
+- ``blocks``: every window goes through the network on its own, exactly as the
+  package evaluates a block; cost grows as 1 / step.
+
+Front end: the package's own librosa path (peak-normalised audio, HTK mel with
+unit-sum bands, log10(10000 * power + 1), scaled by the package's "original"
+min/max 0..9.4578). That path returns (mels, time); the network wants (time, mels).
+
+Lengths: blocks start every step and cover the whole clip; the last block, and
+a clip shorter than one block (2.3 s), are zero-padded (a zero spectrogram frame
+is silence after the log), so every clip gives T >= 1 and
+T = 1 + ceil(max(0, frames - 100) / step).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import librosa
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from atric.errors import CheckpointError, ConfigError
+from atric.features.base import (
+    AudioExpert,
+    ExpertSettings,
+    extract_state_dict,
+    load_torch_file,
+    load_weights,
+    pad_to_min_length,
+    parse_settings,
+    sha256_file,
+)
+
+SAMPLE_RATE = 44100
+N_FFT = 2048
+HOP = 1024
+MEL_BINS = 96
+BLOCK_FRAMES = 100
+SPEC_MAX = 9.457798957824707  # aisfx's "original" normalisation: (spec - 0) / (max - 0)
+INSTALL_HINT = 'install it with `pip install --no-deps "aisfx==0.1.2"` (the Makefile does)'
+
+
+TIME_STRIDE = 8  # three 2x2 poolings in the conv stack
+BLOCK_POSITIONS = BLOCK_FRAMES // TIME_STRIDE  # 12 feature-map positions per block, as in blocks mode
+
+
+class AiSfxSettings(ExpertSettings):
+    mode: Literal["shared", "blocks"] = "shared"
+    block_step_frames: int = Field(24, ge=1, le=BLOCK_FRAMES)
+    peak_normalize: bool = True  # as the package does before its spectrogram
+    checkpoint: str | None = None  # None: the weights inside the installed aisfx package
+    max_blocks_per_forward: int = Field(64, ge=1)  # blocks mode: bounds memory, not the output
+
+    @model_validator(mode="after")
+    def _step_fits_mode(self) -> AiSfxSettings:
+        if self.mode == "shared" and self.block_step_frames % TIME_STRIDE:
+            raise ValueError(
+                f"block_step_frames must be a multiple of {TIME_STRIDE} in mode 'shared' "
+                f"(got {self.block_step_frames}); use e.g. {max(TIME_STRIDE, self.block_step_frames // 8 * 8)} "
+                "or mode 'blocks'"
+            )
+        return self
+
+
+def _package_checkpoint() -> Path:
+    try:
+        import aisfx.inference
+    except ImportError as exc:
+        raise ConfigError(f"expert aisfx needs the aisfx package: {INSTALL_HINT} ({exc})") from exc
+    return Path(aisfx.inference.get_path_modelWeights())
+
+
+def _numpy_safe_globals() -> list[Any]:
+    """The numpy scalar/dtype types the aisfx checkpoint pickles (its dataset->class-count table)."""
+    import numpy.dtypes
+
+    scalar = np._core.multiarray.scalar  # type: ignore[attr-defined]
+    allowed: list[Any] = [(scalar, "numpy.core.multiarray.scalar"), scalar, np.dtype]
+    allowed += [getattr(numpy.dtypes, n) for n in dir(numpy.dtypes) if n.endswith("DType")]
+    return allowed
+
+
+def _embedding_net() -> torch.nn.Module:
+    try:
+        from aisfx.models.cnn2d import EmbeddingNet
+    except ImportError as exc:
+        raise ConfigError(f"expert aisfx needs the aisfx package: {INSTALL_HINT} ({exc})") from exc
+    # The configuration of the package's best model (aisfx.inference.load_bestModel).
+    return EmbeddingNet("max", 3, 1, 64)
+
+
+class AiSfx(AudioExpert):
+    name = "aisfx"
+    sample_rate = SAMPLE_RATE
+    dim = 512
+
+    def __init__(self, settings: Mapping[str, Any], device: torch.device) -> None:
+        self.config = parse_settings(self.name, settings, AiSfxSettings)
+        self.device = device
+        self.step = self.config.block_step_frames
+        self.hop_seconds = self.step * HOP / SAMPLE_RATE
+        path = Path(self.config.checkpoint) if self.config.checkpoint else _package_checkpoint()
+        if not path.is_file():
+            raise CheckpointError(f"{path}: aisfx weights not found; {INSTALL_HINT}")
+        self.checkpoint_hash = sha256_file(path)
+        loaded = load_torch_file(path, _numpy_safe_globals())
+        # The package saves (state_dict of its CrossNet, dataset table); we keep only the
+        # embedding network (the classifier heads are per-training-dataset).
+        state = loaded[0] if isinstance(loaded, (tuple, list)) else loaded
+        state = extract_state_dict(state, path)
+        if any(k.startswith("embedding_net.") for k in state):
+            state = {
+                k.removeprefix("embedding_net."): v
+                for k, v in state.items()
+                if k.startswith("embedding_net.")
+            }
+        with torch.device("meta"):
+            self.model = _embedding_net()
+        load_weights(self.model, state, path)
+        self.model.to(device).eval()
+        self._mel_basis = librosa.filters.mel(
+            sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=MEL_BINS, fmin=0.0, fmax=SAMPLE_RATE / 2, htk=True, norm=1.0
+        ).astype(np.float32)
+
+    def settings(self) -> dict[str, Any]:
+        values = self.config.model_dump(exclude={"checkpoint", "max_blocks_per_forward"})
+        return values  # the weights enter the hash through checkpoint_hash
+
+    def spectrogram(self, waveform: np.ndarray) -> np.ndarray:
+        """[frames, 96] normalised log-mel, as aisfx's librosa path computes it (transposed)."""
+        y = np.asarray(waveform, dtype=np.float32).reshape(-1)
+        if self.config.peak_normalize:
+            peak = float(np.max(np.abs(y))) if y.size else 0.0
+            y = y / (peak if peak > 0 else 1.0)
+        y = pad_to_min_length(y, N_FFT)  # a clip shorter than one STFT window: pad to one window
+        power = np.abs(librosa.stft(y, n_fft=N_FFT, hop_length=HOP, win_length=N_FFT, center=True)) ** 2
+        mel = self._mel_basis @ power.astype(np.float32)
+        spec = np.log10(mel * 10000.0 + 1.0) / SPEC_MAX
+        return np.ascontiguousarray(spec.T, dtype=np.float32)
+
+    def padded_spectrogram(self, waveform: np.ndarray) -> tuple[np.ndarray, int]:
+        """The spectrogram zero-padded to exactly cover its windows, and the window count."""
+        spec = self.spectrogram(waveform)
+        n_windows = 1 + math.ceil(max(0, spec.shape[0] - BLOCK_FRAMES) / self.step)
+        padded = np.zeros(((n_windows - 1) * self.step + BLOCK_FRAMES, MEL_BINS), dtype=np.float32)
+        padded[: spec.shape[0]] = spec
+        return padded, n_windows
+
+    def blocks(self, padded: np.ndarray) -> np.ndarray:
+        """[n_windows, 100, 96]: the windows of a padded spectrogram, every ``step`` frames."""
+        windows = np.lib.stride_tricks.sliding_window_view(padded, BLOCK_FRAMES, axis=0)[:: self.step]
+        return np.ascontiguousarray(windows.transpose(0, 2, 1))  # (n, 96, 100) -> (n, 100, 96)
+
+    def _conv_stack(self, x: torch.Tensor) -> torch.Tensor:
+        """(batch, frames, 96) -> (batch, 512, frames // 8): EmbeddingNet before its time max."""
+        net = self.model
+        x = x.unsqueeze(1)
+        x = net.conv_block1(x, pool_size=(2, 2), pool_type=net.pool_type)
+        x = net.conv_block2(x, pool_size=(2, 2), pool_type=net.pool_type)
+        x = net.conv_block3(x, pool_size=(2, 2), pool_type=net.pool_type)
+        x = net.conv_block4(x, pool_size=(1, 1), pool_type=net.pool_type)
+        return x.mean(dim=3)
+
+    def embed(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
+        padded = [self.padded_spectrogram(w) for w in waveforms]
+        if self.config.mode == "blocks":
+            return self._embed_blocks([self.blocks(spec) for spec, _ in padded])
+        return self._embed_shared(padded)
+
+    def _embed_shared(self, padded: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+        # Clips of equal padded length share one forward; others run alone, so that an
+        # output never depends on which clips share its batch.
+        results: list[np.ndarray | None] = [None] * len(padded)
+        groups: dict[int, list[int]] = {}
+        for i, (spec, _) in enumerate(padded):
+            groups.setdefault(spec.shape[0], []).append(i)
+        step_positions = self.step // TIME_STRIDE
+        with torch.inference_mode():
+            for members in groups.values():
+                batch = torch.from_numpy(np.stack([padded[i][0] for i in members])).to(self.device)
+                fmap = self._conv_stack(batch)  # (b, 512, positions)
+                windows = fmap.unfold(2, BLOCK_POSITIONS, step_positions)  # (b, 512, n, 12)
+                out = windows.amax(dim=3).transpose(1, 2).float().cpu().numpy()  # (b, n, 512)
+                for row, i in enumerate(members):
+                    results[i] = np.ascontiguousarray(out[row, : padded[i][1]])
+        return [r for r in results if r is not None]
+
+    def _embed_blocks(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
+        counts = [b.shape[0] for b in blocks]
+        stacked = np.concatenate(blocks) if blocks else np.zeros((0, BLOCK_FRAMES, MEL_BINS), np.float32)
+        outputs = []
+        with torch.inference_mode():
+            for start in range(0, stacked.shape[0], self.config.max_blocks_per_forward):
+                chunk = torch.from_numpy(stacked[start : start + self.config.max_blocks_per_forward])
+                outputs.append(self.model(chunk.to(self.device)).float().cpu().numpy())
+        flat = np.concatenate(outputs) if outputs else np.zeros((0, self.dim), np.float32)
+        bounds = np.cumsum([0, *counts])
+        return [np.ascontiguousarray(flat[a:b]) for a, b in itertools.pairwise(bounds)]
