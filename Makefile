@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv run test clean-venv
+.PHONY: venv run test clean-venv stack-up stack-down stack-status
 
 $(BIN)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,3 +29,10 @@ test: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+stack-up: venv
+	PYTHON=$(BIN)/python deploy/stack.sh up
+stack-down:
+	PYTHON=$(BIN)/python deploy/stack.sh down
+stack-status:
+	PYTHON=$(BIN)/python deploy/stack.sh status

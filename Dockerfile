@@ -1,0 +1,63 @@
+# Worker image for atric: runs `dvc repro`, `python src/train.py` or `python src/tune.py`.
+#
+#   docker build -t atric-worker .                                   # CPU (default)
+#   docker build -t atric-worker:gpu \
+#     --build-arg BASE=nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 .   # GPU workers
+#   docker run --rm --env-file worker.env atric-worker python src/tune.py
+#   docker run --rm -v "$PWD":/workspace atric-worker dvc repro      # a checkout with .git
+#
+# No secrets are baked in: S3, MLflow and PostgreSQL settings come from the environment
+# at run time (see deploy/docker-compose.yml).
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    DVC_NO_ANALYTICS=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    DO_NOT_TRACK=1 \
+    HF_HUB_OFFLINE=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# git: DVC needs it; libsndfile1: soundfile; tini: PID 1 that forwards SIGTERM (the run is then
+# closed as KILLED in MLflow) and reaps DVC's subprocesses. A CUDA base has no Python: add one.
+# Debian/Ubuntu package versions are not pinned: the base image tag pins the distribution.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates git libsndfile1 tini \
+    && if ! command -v python3 >/dev/null; then \
+        apt-get install -y --no-install-recommends python3 python3-venv; \
+    fi \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv "$VIRTUAL_ENV" \
+    && groupadd --gid 10001 atric \
+    && useradd --create-home --uid 10001 --gid 10001 --shell /usr/sbin/nologin atric
+
+WORKDIR /workspace
+
+# torch first, from the index that matches the base (CPU wheel by default); the pin matches
+# pyproject.toml, so the project install below keeps it instead of pulling a CUDA build.
+RUN pip install --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
+
+# Dependencies change less often than code: install them in their own layer.
+COPY pyproject.toml README.md ./
+COPY src/atric/__init__.py src/atric/__init__.py
+RUN pip install . \
+    && pip install --no-deps "aisfx==0.1.2" \
+    && pip uninstall -y atric
+
+COPY --chown=atric:atric . .
+RUN pip install --no-deps . && chown atric:atric /workspace
+
+USER 10001:10001
+
+ENTRYPOINT ["tini", "--"]
+CMD ["dvc", "repro"]
