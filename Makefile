@@ -6,9 +6,9 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv run test clean-venv stack-up stack-down stack-status
+.PHONY: venv run test ui clean-venv stack-up stack-down stack-status
 
-$(BIN)/.installed: pyproject.toml Makefile
+$(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first, pinned to the CPU wheel on disk; any looser spec pulls a CUDA build.
@@ -20,9 +20,22 @@ $(BIN)/.installed: pyproject.toml Makefile
 
 venv: $(BIN)/.installed
 
-run: venv
-	$(BIN)/python src/synthesize.py
-	$(BIN)/python src/prepare.py
+# The raw corpus: pulled from the DVC remote when one is configured and has it,
+# otherwise generated (deterministic: the same bytes data.dvc records).
+data/raw: | venv
+	if [ -n "$$($(BIN)/dvc remote list)" ] && $(BIN)/dvc pull --quiet; then \
+		echo "pulled data and pipeline outputs from the DVC remote"; \
+	else \
+		$(BIN)/python src/synthesize.py; \
+	fi
+
+run: venv data/raw
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	$(BIN)/dvc metrics show
+
+ui: venv
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+		--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
 
 test: venv
 	$(BIN)/python -m pytest -q

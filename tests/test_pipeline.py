@@ -1,0 +1,137 @@
+"""End to end: `dvc repro` of the real dvc.yaml on a tiny corpus, in a temporary copy of the repo."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+TINY = {
+    "data": {"synth": {"clips": {"train": 16, "val": 6, "test": 6}, "min_duration": 1.5, "max_duration": 2.5}},
+    "features": {"experts": ["logmel"]},
+    "train": {
+        "poolings": ["mean", "netrvlad"],
+        "epochs": 2,
+        "batch_size": 16,
+        "embed_dim": 16,
+        "audio_clusters": 4,
+        "text_clusters": 4,
+        "lstm_hidden": 8,
+        "device": "cpu",
+    },
+}
+
+
+def _merge(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A copy of the tracked files with tiny params, after `dvc repro`."""
+    work = tmp_path_factory.mktemp("repo")
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.split("\0"):
+        if name and (REPO / name).is_file():
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, work / name)
+    for name in ("dvc.yaml",):  # the pipeline under test, committed or not
+        shutil.copy2(REPO / name, work / name)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (work / "dvc.lock").unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@example.com",
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    _run(["git", "init", "-q"], work, env)
+    _run([sys.executable, "src/synthesize.py", "--no-progress"], work, env)
+    _run(["dvc", "commit", "-f", "-q", "data.dvc"], work, env)  # the tiny corpus replaces the default one
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-q", "-m", "tiny"], work, env)
+    _run(["dvc", "repro"], work, env)
+    return work, env
+
+
+def test_repro_trains_every_run_of_the_matrix(repro: tuple[Path, dict[str, str]]) -> None:
+    work, env = repro
+    runs = [f"logmel-{p}" for p in TINY["train"]["poolings"]]
+    for run in runs:
+        assert (work / "models" / run / "best.pt").is_file()
+        test_metrics = json.loads((work / "metrics" / "test" / f"{run}.json").read_text())
+        assert 0 <= test_metrics["t2a_R10"] <= 100
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], work, env).stdout)
+    files = {f for ws in shown.values() for f in ws["data"]}
+    assert {f"metrics/test/{run}.json" for run in runs} <= files
+    table = (work / "reports" / "results.md").read_text()
+    for run in runs:
+        expert, pooling = run.split("-")
+        assert f"| {expert} | {pooling} |" in table
+    assert (work / "reports" / "recall_at_k.png").stat().st_size > 1000
+
+
+def test_repro_leaves_dvc_status_clean(repro: tuple[Path, dict[str, str]]) -> None:
+    work, env = repro
+    status = json.loads(_run(["dvc", "status", "--json"], work, env).stdout)
+    assert status == {}
+
+
+def test_mlflow_holds_one_finished_run_per_matrix_cell(repro: tuple[Path, dict[str, str]]) -> None:
+    work, env = repro
+    script = (
+        "import json, mlflow\n"
+        "mlflow.set_tracking_uri('sqlite:///mlruns/mlflow.db')\n"
+        "runs = mlflow.search_runs(experiment_names=['SynthCaps'], output_format='list')\n"
+        "print(json.dumps([[r.info.run_name, r.info.status, sorted(r.data.metrics)] for r in runs]))\n"
+        "from mlflow import MlflowClient\n"
+        "v = MlflowClient().get_model_version_by_alias('atric-SynthCaps', 'champion')\n"
+        "print(json.dumps(v.run_id))\n"
+    )
+    out = _run([sys.executable, "-c", script], work, env).stdout.splitlines()
+    runs = json.loads(out[0])
+    champion_run_id = json.loads(out[1])
+    assert sorted(name for name, _, _ in runs) == ["logmel-mean", "logmel-netrvlad"]
+    for _, status, metrics in runs:
+        assert status == "FINISHED"
+        assert {"val_t2a_R10", "train_loss", "test_t2a_R10"} <= set(metrics)
+    assert champion_run_id
+
+
+def test_changing_lr_retrains_without_reextracting(repro: tuple[Path, dict[str, str]]) -> None:
+    work, env = repro
+    original = (work / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["train"]["lr"] = params["train"]["lr"] / 3
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        dry = _run(["dvc", "repro", "--dry"], work, env).stdout
+        assert "Running stage 'train@logmel-mean'" in dry
+        assert "Running stage 'extract@logmel'" not in dry
+        assert "Running stage 'prepare'" not in dry
+    finally:
+        (work / "params.yaml").write_text(original)
