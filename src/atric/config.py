@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from atric.errors import ConfigError
 
@@ -167,6 +167,127 @@ class EvaluateParams(Section):
     checkpoint: Literal["best", "last"] = "best"
 
 
+class SearchParams(Section):
+    """The ``index`` stage and ``src/search.py``: where indexes live and how they are queried."""
+
+    # Outside models_dir/<run>/ (the train stage's DVC outputs): one <run>.h5 per indexed run.
+    index_dir: str = "indexes"
+    splits: list[Literal["train", "val", "test"]] = Field(["train", "val", "test"], min_length=1)
+    top_k: int = Field(10, ge=1)
+    batch_size: int = Field(256, ge=1)  # clips/captions per forward pass while indexing
+    # A query is one small matmul: the CPU answers before a GPU would have been set up.
+    device: str = "cpu"
+    hit_rate_k: int = Field(10, ge=1)  # caption_hit_rate's k, printed by the index stage
+
+
+# train.* keys a search may not vary: where/how fast a run goes (no effect on results), the
+# tuner's own budget (epochs: pruning decides), the pipeline matrix and list/dict params.
+UNTUNABLE_KEYS = frozenset(
+    {"epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir", "poolings", "experts", "max_frames"}
+)
+
+
+class FloatDistribution(Section):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "FloatDistribution":
+        _check_bounds(self.low, self.high, self.log, self.step)
+        return self
+
+
+class IntDistribution(Section):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "IntDistribution":
+        _check_bounds(self.low, self.high, self.log, None if self.step == 1 else self.step)
+        return self
+
+
+class CategoricalDistribution(Section):
+    type: Literal["categorical"]
+    # Optuna stores choices as JSON scalars only.
+    choices: list[bool | int | float | str | None] = Field(min_length=1)
+
+
+def _check_bounds(low: float, high: float, log: bool, step: float | None) -> None:
+    if low > high:
+        raise ValueError(f"low {low} > high {high}")
+    if log and low <= 0:
+        raise ValueError(f"log: true needs low > 0, got {low}")
+    if log and step is not None:
+        raise ValueError("log: true and step exclude each other")
+
+
+SearchDimension = Annotated[
+    FloatDistribution | IntDistribution | CategoricalDistribution, Field(discriminator="type")
+]
+
+
+def check_search_dimension(key: str, dim: FloatDistribution | IntDistribution | CategoricalDistribution) -> None:
+    """Refuse a dimension that names no tunable train param or leaves its valid range."""
+    fields = TrainParams.model_fields
+    if key not in fields:
+        raise ValueError(f"{key}: not a train.* param (tunable: {', '.join(sorted(set(fields) - UNTUNABLE_KEYS))})")
+    if key in UNTUNABLE_KEYS:
+        raise ValueError(f"{key}: cannot be tuned (set it with --set train.{key}=... or a flag)")
+    annotation = fields[key].annotation
+    if isinstance(dim, CategoricalDistribution):
+        values: list[Any] = list(dim.choices)
+    elif annotation is int and isinstance(dim, FloatDistribution):
+        raise ValueError(f"{key}: an integer param; use type: int")
+    elif annotation not in (int, float):
+        raise ValueError(f"{key}: not a number; use type: categorical with choices")
+    else:
+        values = [dim.low, dim.high]
+    for value in values:
+        try:
+            TrainParams.model_validate({key: value})
+        except ValidationError as exc:
+            raise ValueError(f"{key}: {value!r} is not a valid train.{key}: {exc.errors()[0]['msg']}") from None
+
+
+class TuneParams(Section):
+    """``python src/tune.py`` (atric.tuning): the study, its budget and the search space.
+
+    ``space`` maps train.* param names to distributions, e.g.
+    ``lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}``.
+    """
+
+    study_name: str | None = Field(None, min_length=1)  # None: <dataset>-<expert>-<pooling>
+    storage: str = Field("sqlite:///tune/optuna.db", min_length=1)
+    dir: str = "tune"  # trials' checkpoints, best_params.yaml and report under <dir>/<study>/
+    n_trials: int = Field(20, ge=1)
+    total_trials: bool = False  # n_trials counts for the whole study (all workers), not per worker
+    timeout: float | None = Field(None, gt=0)  # seconds; no new trial starts after it
+    sampler: Literal["tpe", "random"] = "tpe"
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    seed: int = 0
+    startup_trials: int = Field(5, ge=0)  # median pruner: trials finished before any is pruned
+    warmup_epochs: int = Field(2, ge=0)  # epochs every trial trains before it can be pruned
+    heartbeat_interval: int | None = Field(30, ge=1)  # seconds; None turns failure detection off
+    grace_period: int | None = Field(None, ge=1)  # seconds without a heartbeat -> FAIL; None: 2 x interval
+    max_retry: int = Field(2, ge=0)  # retries of a trial whose worker died
+    max_failures: int = Field(3, ge=1)  # consecutive failed trials that stop a worker
+    space: dict[str, SearchDimension] = {}
+
+    @field_validator("space")
+    @classmethod
+    def _space_names_train_params(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for key, dim in space.items():
+            check_search_dimension(key, dim)
+        return space
+
+
 class Params(Section):
     data: DataParams = DataParams()
     features: FeaturesParams = FeaturesParams()
@@ -174,8 +295,8 @@ class Params(Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     # Sections owned by later stages are validated by those stages.
-    tune: dict[str, Any] = {}
-    search: dict[str, Any] = {}
+    tune: TuneParams = TuneParams()
+    search: SearchParams = SearchParams()
     report: dict[str, Any] = {}
 
 
@@ -242,3 +363,29 @@ def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, A
         else:
             flat[name] = value
     return flat
+
+
+def preset_overrides(path: str | Path) -> list[str]:
+    """A preset file (a partial params.yaml) as ``section.key=value`` overrides, validated."""
+    path = Path(path)
+    try:
+        preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read preset: {exc}") from exc
+    if not isinstance(preset, dict):
+        raise ConfigError(f"{path}: a preset is a mapping of params.yaml sections")
+    overrides = [f"{key}={_flag_value(value)}" for key, value in flatten(preset).items()]
+    load_params(PARAMS_FILE, overrides)  # refuse unknown keys before DVC sees them
+    return overrides
+
+
+def _flag_value(value: Any) -> str:
+    """A YAML value without spaces, so ``$(python src/preset.py ...)`` splits into whole flags."""
+    if isinstance(value, list):
+        return "[" + ",".join(_flag_value(v) for v in value) + "]"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = str(value)
+    if any(ch.isspace() for ch in text):
+        raise ConfigError(f"preset value {text!r}: values with spaces cannot be passed as -S flags")
+    return text
