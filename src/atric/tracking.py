@@ -62,7 +62,10 @@ def experiment_id(name: str) -> str:
         if tracking_uri().startswith("sqlite:"):
             ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
             location = ARTIFACTS_DIR.resolve().as_uri()
-        return client.create_experiment(name, artifact_location=location)
+        # The "model training" kind makes the UI open on the runs table, not the GenAI overview.
+        return client.create_experiment(
+            name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+        )
     except MlflowException as exc:
         raise TrackingError(f"MLflow at {tracking_uri()}: {exc.message}") from exc
 
