@@ -183,7 +183,8 @@ class SearchParams(Section):
 # train.* keys a search may not vary: where/how fast a run goes (no effect on results), the
 # tuner's own budget (epochs: pruning decides), the pipeline matrix and list/dict params.
 UNTUNABLE_KEYS = frozenset(
-    {"epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir", "poolings", "experts", "max_frames"}
+    {"epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir"}
+    | {"poolings", "experts", "max_frames"}
 )
 
 
@@ -195,7 +196,7 @@ class FloatDistribution(Section):
     step: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "FloatDistribution":
+    def _bounds(self) -> FloatDistribution:
         _check_bounds(self.low, self.high, self.log, self.step)
         return self
 
@@ -208,7 +209,7 @@ class IntDistribution(Section):
     step: int = Field(1, ge=1)
 
     @model_validator(mode="after")
-    def _bounds(self) -> "IntDistribution":
+    def _bounds(self) -> IntDistribution:
         _check_bounds(self.low, self.high, self.log, None if self.step == 1 else self.step)
         return self
 
@@ -233,11 +234,14 @@ SearchDimension = Annotated[
 ]
 
 
-def check_search_dimension(key: str, dim: FloatDistribution | IntDistribution | CategoricalDistribution) -> None:
+def check_search_dimension(
+    key: str, dim: FloatDistribution | IntDistribution | CategoricalDistribution
+) -> None:
     """Refuse a dimension that names no tunable train param or leaves its valid range."""
     fields = TrainParams.model_fields
     if key not in fields:
-        raise ValueError(f"{key}: not a train.* param (tunable: {', '.join(sorted(set(fields) - UNTUNABLE_KEYS))})")
+        tunable = ", ".join(sorted(set(fields) - UNTUNABLE_KEYS))
+        raise ValueError(f"{key}: not a train.* param (tunable: {tunable})")
     if key in UNTUNABLE_KEYS:
         raise ValueError(f"{key}: cannot be tuned (set it with --set train.{key}=... or a flag)")
     annotation = fields[key].annotation
@@ -253,7 +257,8 @@ def check_search_dimension(key: str, dim: FloatDistribution | IntDistribution | 
         try:
             TrainParams.model_validate({key: value})
         except ValidationError as exc:
-            raise ValueError(f"{key}: {value!r} is not a valid train.{key}: {exc.errors()[0]['msg']}") from None
+            reason = exc.errors()[0]["msg"]
+            raise ValueError(f"{key}: {value!r} is not a valid train.{key}: {reason}") from None
 
 
 class TuneParams(Section):
@@ -304,7 +309,7 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid params:"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {key}: {err['msg']}")
+        lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)
 
 
