@@ -10,7 +10,7 @@ import argparse
 
 from atric import cli
 from atric.layout import SPLITS, Layout
-from atric.text import embed_captions, format_report, text_report_path
+from atric.text import embed_captions, format_report
 
 
 def main() -> int:
@@ -30,7 +30,7 @@ def main() -> int:
     layout = Layout(params.data.dataset, params.data.root)
     report = embed_captions(layout, params.text.vectors, args.splits or SPLITS, params.text, progress=True)
     print(format_report(report))
-    print(f"report: {text_report_path(layout, report.vectors)}")
+    print(f"report: {layout.text_report_path(report.vectors)}")
     return 0
 
 

@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from atric.cli import add_params_arguments, params_from_args, run
+from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
 from atric.engine import evaluate_checkpoint, run_name_for
 from atric.experiment import log_evaluation
 from atric.metrics import format_metrics_table
@@ -23,18 +23,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_params_arguments(parser)
     parser.add_argument("--run", help="run name (default: <train.experts>-<train.pooling>)")
-    parser.add_argument(
-        "--expert", action="append", default=[], help="audio expert (repeatable): train.experts"
-    )
-    parser.add_argument("--pooling", help="audio pooling: train.pooling")
+    add_run_arguments(parser)
     parser.add_argument("--split", help="evaluate.split (val | test)")
     parser.add_argument("--checkpoint", help="evaluate.checkpoint (best | last)")
     args = parser.parse_args()
-    extra = []
-    if args.expert:
-        extra.append(f"train.experts={json.dumps(args.expert)}")
-    if args.pooling:
-        extra.append(f"train.pooling={json.dumps(args.pooling)}")
+    extra = run_overrides(args)
     if args.split:
         extra.append(f"evaluate.split={json.dumps(args.split)}")
     if args.checkpoint:

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 
 from atric.cli import add_params_arguments, params_from_args, run
-from atric.engine import RunPaths
+from atric.engine import SELECTION_METRIC, RunPaths, evaluation_metrics_dir
 from atric.experiment import best_run_by_test, register_champion
 from atric.report import load_run_metrics, write_report
 
@@ -23,15 +23,14 @@ def main() -> int:
     parser.add_argument("--no-register", action="store_true", help="do not touch the MLflow registry")
     args = parser.parse_args()
     params = params_from_args(args)
-    metrics_dir = Path(params.train.metrics_dir)
-    runs = load_run_metrics(metrics_dir / params.evaluate.split)
+    runs = load_run_metrics(evaluation_metrics_dir(params.train, params.evaluate.split))
     histories = {}
     for name in runs:
         history = RunPaths.of(params.train, name).history
         if history.exists():
             histories[name] = json.loads(history.read_text(encoding="utf-8"))
     path = write_report(
-        runs, histories, Path(args.out), dataset=params.data.dataset, validation_key="val_t2a_geometric_mean"
+        runs, histories, Path(args.out), dataset=params.data.dataset, validation_key=f"val_{SELECTION_METRIC}"
     )
     champion = best_run_by_test(params)
     print(f"wrote {path} ({len(runs)} runs); best run by {params.evaluate.split} t2a geometric mean: {champion}")

@@ -11,10 +11,9 @@ with the same params continues from models/<run>/last.pt.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 
-from atric.cli import add_params_arguments, params_from_args, run
+from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
 from atric.engine import run_name_for
 from atric.experiment import train_tracked
 from atric.metrics import format_metrics_table
@@ -23,10 +22,7 @@ from atric.metrics import format_metrics_table
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_params_arguments(parser)
-    parser.add_argument(
-        "--expert", action="append", default=[], help="audio expert (repeatable): train.experts"
-    )
-    parser.add_argument("--pooling", help="audio pooling: train.pooling")
+    add_run_arguments(parser)
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue models/<run>/last.pt (must exist)")
     group.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
@@ -37,11 +33,7 @@ def main() -> int:
         "keep the old checkpoints under models/.previous/ and start fresh",
     )
     args = parser.parse_args()
-    extra = []
-    if args.expert:
-        extra.append(f"train.experts={json.dumps(args.expert)}")
-    if args.pooling:
-        extra.append(f"train.pooling={json.dumps(args.pooling)}")
+    extra = run_overrides(args)
     params = params_from_args(args, extra)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     policy = "resume" if args.resume else "restart" if args.restart else "pipeline" if args.pipeline else "auto"

@@ -20,7 +20,7 @@ import json
 import logging
 import os
 
-from atric.cli import add_params_arguments, params_from_args, run
+from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
 
 
 def main() -> int:
@@ -41,10 +41,7 @@ def main() -> int:
         help="--n-trials is the study's total over all workers: the fleet stops together",
     )
     parser.add_argument("--timeout", type=float, help="tune.timeout: seconds after which no trial starts")
-    parser.add_argument(
-        "--expert", action="append", default=[], help="audio expert (repeatable): train.experts"
-    )
-    parser.add_argument("--pooling", help="audio pooling: train.pooling")
+    add_run_arguments(parser)
     parser.add_argument("--sampler", choices=["tpe", "random"], help="tune.sampler (default tpe, seeded)")
     parser.add_argument(
         "--pruner", choices=["median", "hyperband", "none"], help="tune.pruner (default median)"
@@ -63,11 +60,8 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    extra = []
-    if args.expert:
-        extra.append(f"train.experts={json.dumps(args.expert)}")
+    extra = run_overrides(args)
     for flag, key in [
-        ("pooling", "train.pooling"),
         ("study_name", "tune.study_name"),
         ("storage", "tune.storage"),
         ("n_trials", "tune.n_trials"),

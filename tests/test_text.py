@@ -24,7 +24,6 @@ from atric.text import (
     load_trained,
     load_vectors,
     sniff_vectors_format,
-    text_report_path,
     tokenize,
     train_word2vec,
 )
@@ -256,7 +255,7 @@ def test_embed_text_cli_end_to_end(tmp_path: Path, glove_cache: Path, glove: Key
     attrs = read_text_attrs(layout.text_path("glove-6b-50d", "test"))
     assert attrs["vectors"] == "glove-6b-50d" and attrs["dim"] == 50 and attrs["max_words"] == 4
     assert attrs["vectors_hash"] == glove.vectors_hash
-    report = json.loads(text_report_path(layout, "glove-6b-50d").read_text())
+    report = json.loads(layout.text_report_path("glove-6b-50d").read_text())
     assert report["splits"]["val"]["oov_tokens"] == 1 and report["splits"]["train"]["oov_tokens"] == 0
     assert report["splits"]["val"]["captions_with_oov"] == 1
 

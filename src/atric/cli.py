@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -33,6 +34,24 @@ def add_params_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override a param, e.g. --set train.lr=0.003 (repeatable)",
     )
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--expert`` (repeatable) and ``--pooling``: which run, as train.experts and train.pooling."""
+    parser.add_argument(
+        "--expert", action="append", default=[], help="audio expert (repeatable): train.experts"
+    )
+    parser.add_argument("--pooling", help="audio pooling: train.pooling")
+
+
+def run_overrides(args: argparse.Namespace) -> list[str]:
+    """The params overrides that ``add_run_arguments``' flags ask for."""
+    extra = []
+    if args.expert:
+        extra.append(f"train.experts={json.dumps(args.expert)}")
+    if args.pooling:
+        extra.append(f"train.pooling={json.dumps(args.pooling)}")
+    return extra
 
 
 def params_from_args(args: argparse.Namespace, extra: list[str] | None = None) -> Params:

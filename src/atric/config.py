@@ -180,12 +180,12 @@ class SearchParams(Section):
     hit_rate_k: int = Field(10, ge=1)  # caption_hit_rate's k, printed by the index stage
 
 
-# train.* keys a search may not vary: where/how fast a run goes (no effect on results), the
-# tuner's own budget (epochs: pruning decides), the pipeline matrix and list/dict params.
-UNTUNABLE_KEYS = frozenset(
-    {"epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir"}
-    | {"poolings", "experts", "max_frames"}
-)
+# train.* keys that do not change what a run computes: where and how fast it runs, epochs (the
+# schedule steps per epoch, so a longer run continues a shorter one) and the pipeline matrix.
+NON_RESULT_KEYS = ("epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir", "poolings")
+# train.* keys a search may not vary: those above (no effect on results; epochs: the tuner's
+# own budget, pruning decides), the pipeline matrix and list/dict params.
+UNTUNABLE_KEYS = frozenset(NON_RESULT_KEYS) | {"poolings", "experts", "max_frames"}
 
 
 class FloatDistribution(Section):

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from atric.atomic import atomic_path, write_text_atomic
-from atric.config import Params, TrainParams, flatten
+from atric.config import NON_RESULT_KEYS, Params, TrainParams, flatten
 from atric.data import (
     Batch,
     ClipCollate,
@@ -62,9 +62,6 @@ CHECKPOINT_FORMAT = 1
 BEST_CHECKPOINT = "best.pt"
 LAST_CHECKPOINT = "last.pt"
 SELECTION_METRIC = "t2a_geometric_mean"  # model selection, as in the paper
-# train.* keys that do not change what a run computes (where and how fast it runs, and
-# epochs: the schedule steps per epoch, so a longer run is a continuation of a shorter one).
-NON_RESULT_KEYS = ("epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir")
 
 
 # ---------------------------------------------------------------- names and paths
@@ -96,8 +93,13 @@ class RunPaths:
         )
 
 
+def evaluation_metrics_dir(train: TrainParams, split: str) -> Path:
+    """Where ``evaluate_checkpoint`` writes every run's metrics on ``split``."""
+    return Path(train.metrics_dir) / split
+
+
 def evaluation_metrics_path(train: TrainParams, run_name: str, split: str) -> Path:
-    return Path(train.metrics_dir) / split / f"{run_name}.json"
+    return evaluation_metrics_dir(train, split) / f"{run_name}.json"
 
 
 # ---------------------------------------------------------------- results and callbacks
@@ -157,12 +159,20 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     return checkpoint
 
 
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> RetrievalModel:
+    """The trained model a loaded checkpoint holds (on the CPU)."""
+    model = RetrievalModel.from_config(checkpoint["model_config"])
+    model.load_state_dict(checkpoint["model"])
+    return model
+
+
 def _save(path: Path, payload: dict[str, Any]) -> None:
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
 
 
-def _differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """One line per key whose value differs between two run signatures (empty: same run)."""
     missing = object()
     lines = []
     for key in sorted(set(saved) | set(current)):
@@ -497,11 +507,16 @@ def train(
             loss_fn=loss_fn,
             callbacks=callbacks,
         )
-    for callback in callbacks:
-        hook = getattr(callback, "on_train_end", None)
-        if hook is not None:
-            hook(result)
+    _notify(callbacks, "on_train_end", result)
     return result
+
+
+def _notify(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
+    """Call ``hook`` on every callback that has it (both Callback methods are optional)."""
+    for callback in callbacks:
+        method = getattr(callback, hook, None)
+        if method is not None:
+            method(*args)
 
 
 def _fit(
@@ -528,7 +543,7 @@ def _fit(
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
     history: list[dict[str, float]] = []
     if checkpoint is not None:
-        differences = _differences(checkpoint.get("signature", {}), signature)
+        differences = signature_differences(checkpoint.get("signature", {}), signature)
         if differences:
             raise CheckpointError(
                 f"{paths.last} was trained with different settings:\n  "
@@ -620,27 +635,21 @@ def _fit(
         }
         history.append(row)
         score = metrics[SELECTION_METRIC]
+        weights = {
+            **base,
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "loss": loss_fn.state_dict(),
+            "metrics": metrics,
+        }
         if score > best_score:
             best_score, best_epoch = score, epoch
-            _save(
-                paths.best,
-                {
-                    **base,
-                    "epoch": epoch,
-                    "model": model.state_dict(),
-                    "loss": loss_fn.state_dict(),
-                    "metrics": metrics,
-                },
-            )
+            _save(paths.best, weights)
         # last.pt after best.pt: a crash in between redoes this epoch, identically.
         _save(
             paths.last,
             {
-                **base,
-                "epoch": epoch,
-                "model": model.state_dict(),
-                "loss": loss_fn.state_dict(),
-                "metrics": metrics,
+                **weights,
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "scaler": precision.scaler.state_dict() if precision.scaler is not None else {},
@@ -660,10 +669,7 @@ def _fit(
             run_name, epoch, tp.epochs, train_loss, lr, metrics["t2a_R1"], metrics["t2a_R10"],
             metrics[SELECTION_METRIC], seconds,
         )  # fmt: skip
-        for callback in callbacks:
-            hook = getattr(callback, "on_epoch_end", None)
-            if hook is not None:
-                hook(epoch, dict(row))
+        _notify(callbacks, "on_epoch_end", epoch, dict(row))
 
     best_row = next(row for row in history if row["epoch"] == best_epoch)
     result.best_epoch, result.best_score = best_epoch, best_score
@@ -698,9 +704,7 @@ def evaluate_checkpoint(
         raise CheckpointError(
             f"{run_name}: trained with text.vectors={trained_vectors!r}, params say {params.text.vectors!r}"
         )
-    model = RetrievalModel.from_config(checkpoint["model_config"])
-    model.load_state_dict(checkpoint["model"])
-    model.to(device)
+    model = model_from_checkpoint(checkpoint).to(device)
     config = model.config()
     data = open_split(
         Layout(params.data.dataset, params.data.root),
@@ -739,6 +743,7 @@ __all__ = [
     "evaluate_checkpoint",
     "evaluate_split",
     "load_checkpoint",
+    "model_from_checkpoint",
     "run_name_for",
     "similarity_matrix",
     "train",

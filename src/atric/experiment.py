@@ -5,11 +5,12 @@ Used by ``src/train.py`` (one run per ``<expert>-<pooling>``) and by the tuner (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ from atric.device import resolve_device
 from atric.engine import RunPaths, TrainResult, check_names, load_checkpoint, run_name_for, train
 from atric.errors import CheckpointError
 from atric.model import RetrievalModel
+from atric.storage import RetryPolicy
 
 log = logging.getLogger("atric.experiment")
 
@@ -73,27 +75,30 @@ def _apply_pipeline_policy(params: Params, paths: RunPaths) -> bool:
         return False
     checkpoint = load_checkpoint(paths.last)
     unfinished = int(checkpoint["epoch"]) < params.train.epochs
-    if unfinished:
+    # A run that finished training but not its MLflow logging (server or S3 down): the stage
+    # failed, and its rerun must complete the logging of these checkpoints, not retrain.
+    logging_pending = not unfinished and tracking.tracking_pending(paths.run_dir)
+    if unfinished or logging_pending:
         try:
             # Dry check of the signature: the engine raises on a mismatch; we set aside instead.
-            return _signature_matches(params, checkpoint)
+            if _signature_matches(params, checkpoint):
+                return True
         finally:
             del checkpoint
+        if unfinished:
+            return False
     _set_aside_previous_run(paths)
     return False
 
 
 def _signature_matches(params: Params, checkpoint: dict[str, Any]) -> bool:
-    saved = checkpoint.get("signature", {})
-    flat = flatten(params.train)
-    ignored = {"epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir", "poolings"}
-    for key, value in flat.items():
-        if key in ignored:
-            continue
-        name = f"train.{key}"
-        if name in saved and saved[name] != value and not (key == "max_frames" and not value):
-            return False
-    return saved.get("text.vectors", params.text.vectors) == params.text.vectors
+    """The engine's signature check without the data: lengths and dims come from the checkpoint."""
+    from atric.engine import run_signature, signature_differences
+
+    configured = params.train.max_frames
+    max_frames = {e: configured.get(e, checkpoint["max_frames"].get(e)) for e in params.train.experts}
+    current = run_signature(params, max_frames, checkpoint["model_config"])
+    return not signature_differences(checkpoint.get("signature", {}), current)
 
 
 def train_tracked(
@@ -115,7 +120,8 @@ def train_tracked(
         if not _apply_pipeline_policy(params, paths):
             (paths.run_dir / tracking.RUN_ID_FILE).unlink(missing_ok=True)
     if restart:
-        (paths.run_dir / tracking.RUN_ID_FILE).unlink(missing_ok=True)
+        for name in (tracking.RUN_ID_FILE, tracking.TRACKING_PENDING_FILE):
+            (paths.run_dir / name).unlink(missing_ok=True)
     device = resolve_device(params.train.device)
     with tracking.tracked_run(
         params.data.dataset,
@@ -124,31 +130,109 @@ def train_tracked(
         params=tracked_params(params),
         tags=run_tags(params, run_name, device, stage),
         nested=nested,
-    ):
-        result = train(
-            params,
-            run_name=run_name,
-            resume=resume,
-            restart=restart,
-            callbacks=[tracking.EpochMetricsLogger(), *callbacks],
-        )
-        tracking.log_metrics(result.best_metrics, prefix="best_val_")
-        tracking.log_metrics({"best_epoch": result.best_epoch})
-        _log_artifacts(result.paths)
-        if log_model:
-            log_best_model(result.paths.best)
+    ) as active:
+        run_id = active.info.run_id
+        metrics_logger = tracking.EpochMetricsLogger(run_id)
+        try:
+            result = train(
+                params,
+                run_name=run_name,
+                resume=resume,
+                restart=restart,
+                callbacks=[metrics_logger, *callbacks],
+            )
+        except BaseException:
+            # Training stopped (error, pruning, Ctrl-C): still send what MLflow missed, if it answers.
+            if metrics_logger.pending:
+                with contextlib.suppress(Exception):  # never mask why training stopped
+                    metrics_logger.flush()
+            raise
+        _log_run_metrics(run_id, result, metrics_logger)
+        _log_artifacts(result.paths, run_id, log_model=log_model)
+    (paths.run_dir / tracking.TRACKING_PENDING_FILE).unlink(missing_ok=True)
     return result
 
 
-def _log_artifacts(paths: RunPaths) -> None:
+def _log_run_metrics(run_id: str, result: TrainResult, metrics_logger: tracking.EpochMetricsLogger) -> None:
+    """The per-epoch history (buffered, or missing after an earlier outage) and the best epoch.
+
+    MLflow still down here: the run is complete on disk; a TrackingError says how to finish it.
+    """
+    try:
+        if not metrics_logger.flush():
+            raise metrics_logger.last_error or RuntimeError("metrics not logged")
+        filled = tracking.backfill_history(run_id, result.history, metrics_logger.logged_steps)
+        if filled:
+            log.info("%s: %d earlier epochs logged to MLflow run %s", result.run_name, filled, run_id)
+        tracking.log_metrics(result.best_metrics, prefix="best_val_")
+        tracking.log_metrics({"best_epoch": result.best_epoch})
+    except Exception as exc:
+        if not tracking.is_transient(exc):
+            raise
+        run_dir = result.paths.run_dir
+        tracking.mark_pending(run_dir, run_id, f"metrics: {tracking.describe(exc)}")
+        unsent = metrics_logger.pending_steps
+        epochs = f" (epochs {', '.join(map(str, unsent))} not sent)" if unsent else ""
+        raise tracking.TrackingError(
+            f"{result.run_name}: the run finished locally (checkpoints in {run_dir}, metrics in "
+            f"{result.paths.metrics} and {result.paths.history}), but its metrics could not be logged "
+            f"to MLflow at {tracking.tracking_uri()}{epochs}: {tracking.describe(exc)}. Run the same "
+            "command again once MLflow is back: it logs them (training is not repeated)"
+        ) from exc
+
+
+def _log_artifacts(paths: RunPaths, run_id: str | None = None, *, log_model: bool = False) -> None:
+    """Upload checkpoints, metrics files and the model, retrying while MLflow or its S3 is down.
+
+    Each upload is done once; a failure waits with bounded backoff (``RetryPolicy``:
+    ``ATRIC_S3_ATTEMPTS``/``ATRIC_S3_BACKOFF``) and retries what is left. The local files are
+    only read: when the budget is spent they are all still on disk, and a TrackingError
+    names the ones not uploaded.
+    """
     import mlflow
 
+    uploads: list[tuple[str, Path, Callable[[], None]]] = []
+
+    def artifact(path: Path, folder: str) -> None:
+        if path.exists():
+            uploads.append((f"{folder}/{path.name}", path, lambda: mlflow.log_artifact(str(path), artifact_path=folder)))
+
     for path in (paths.best, paths.last):
-        if path.exists():
-            mlflow.log_artifact(str(path), artifact_path="checkpoints")
+        artifact(path, "checkpoints")
     for path in (paths.metrics, paths.history):
-        if path.exists():
-            mlflow.log_artifact(str(path), artifact_path="metrics")
+        artifact(path, "metrics")
+    if log_model and paths.best.exists():
+        uploads.append(("model", paths.best, lambda: log_best_model(paths.best)))
+
+    policy = RetryPolicy.from_env()
+    failures = 0
+    while uploads:
+        name, _, upload = uploads[0]
+        try:
+            upload()
+        except Exception as exc:
+            if not tracking.is_transient(exc):
+                raise
+            failures += 1
+            if failures >= policy.attempts:
+                tracking.mark_pending(paths.run_dir, run_id, f"artifacts: {tracking.describe(exc)}")
+                names = ", ".join(f"{n} ({p})" for n, p, _ in uploads)
+                raise tracking.TrackingError(
+                    f"{paths.run_dir.name}: {len(uploads)} artifact upload(s) to MLflow at "
+                    f"{tracking.tracking_uri()} failed after {failures} attempts: {tracking.describe(exc)}. "
+                    f"Nothing is lost: these files are safe on local disk: {names}. Run the same command "
+                    "again (without --restart) once the server and its artifact store are back: it "
+                    "uploads them to the same MLflow run (training is not repeated)"
+                ) from exc
+            pause = policy.delay(failures)
+            log.warning(
+                "%s: upload of %s to MLflow at %s failed (%s); the file stays on local disk; retry %d/%d in %.1fs",
+                paths.run_dir.name, name, tracking.tracking_uri(), tracking.describe(exc),
+                failures, policy.attempts - 1, pause,
+            )  # fmt: skip
+            time.sleep(pause)
+            continue
+        uploads.pop(0)
 
 
 class AudioEmbedder(nn.Module):

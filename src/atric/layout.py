@@ -5,6 +5,7 @@ data/<Dataset>/AudioExpert/<expert>/<split>/<expert>.h5   one float32 [T, D] dat
 data/<Dataset>/Index/<split>.csv    AudioCaps style: youtube_id, caption (one row per caption)
 data/<Dataset>/Index/<split>.json   Clotho style: {"audios": [{"audio_id", "captions": [{"caption"}]}]}
 data/<Dataset>/TextEmbeddings/<vectors>_<split>.h5   ours: ragged per-caption [n_tokens, D]
+data/<Dataset>/TextEmbeddings/<vectors>_report.json  embed_captions' OOV report
 data/<Dataset>/TextEmbeddings/w2v_<split>.pkl        legacy: read through a restricted unpickler
 data/<Dataset>/manifest.json        clip id -> split, audio path, duration, captions
 ```
@@ -88,13 +89,21 @@ class Layout:
         _check_split(split)
         return self.dataset_dir / "AudioExpert" / expert / split / f"{expert}.h5"
 
+    @property
+    def text_dir(self) -> Path:
+        return self.dataset_dir / "TextEmbeddings"
+
     def text_path(self, vectors: str, split: str) -> Path:
         _check_split(split)
-        return self.dataset_dir / "TextEmbeddings" / f"{vectors_slug(vectors)}_{split}.h5"
+        return self.text_dir / f"{vectors_slug(vectors)}_{split}.h5"
+
+    def text_report_path(self, vectors: str) -> Path:
+        """The OOV report of ``vectors``, beside its embedding files."""
+        return self.text_dir / f"{vectors_slug(vectors)}_report.json"
 
     def legacy_text_path(self, split: str) -> Path:
         _check_split(split)
-        return self.dataset_dir / "TextEmbeddings" / f"w2v_{split}.pkl"
+        return self.text_dir / f"w2v_{split}.pkl"
 
     @property
     def manifest_path(self) -> Path:

@@ -47,7 +47,7 @@ from atric.audio import load_audio
 from atric.config import Params
 from atric.data import ClipCollate, ClipDataset, SplitData, collate_words, open_split, pad_frames, pad_words
 from atric.device import resolve_device
-from atric.engine import RunPaths, load_checkpoint
+from atric.engine import RunPaths, load_checkpoint, model_from_checkpoint
 from atric.errors import AtricError, CheckpointError, DataError
 from atric.features.base import build_expert, sha256_file
 from atric.layout import SPLITS, FeatureFile, Layout, read_text_attrs
@@ -75,9 +75,7 @@ def build_command(run: str) -> str:
 
 def _load_model(path: Path, device: torch.device) -> tuple[RetrievalModel, dict[str, Any]]:
     checkpoint = load_checkpoint(path)
-    model = RetrievalModel.from_config(checkpoint["model_config"])
-    model.load_state_dict(checkpoint["model"])
-    model.to(device).eval()
+    model = model_from_checkpoint(checkpoint).to(device).eval()
     info = {
         "params_hash": str(checkpoint.get("params_hash", "")),
         "max_frames": {k: int(v) for k, v in checkpoint["max_frames"].items()},

@@ -531,11 +531,6 @@ class TextReport:
         return doc
 
 
-def text_report_path(layout: Layout, vectors: str) -> Path:
-    """``data/<Dataset>/TextEmbeddings/<slug>_report.json``, beside the embedding files."""
-    return layout.text_path(vectors, SPLITS[0]).parent / f"{vectors_slug(vectors)}_report.json"
-
-
 TOP_OOV = 20
 _CHUNK_CAPTIONS = 256  # captions per embed_batch call (MiniLM batches within it)
 
@@ -644,7 +639,7 @@ def embed_captions(
         split_report.path = str(path)
         report.splits[split] = split_report
     report.seconds = round(time.perf_counter() - started, 3)
-    write_text_atomic(text_report_path(layout, spec), json.dumps(report.to_dict(), indent=1) + "\n")
+    write_text_atomic(layout.text_report_path(spec), json.dumps(report.to_dict(), indent=1) + "\n")
     return report
 
 

@@ -7,10 +7,12 @@ Default store: ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/arti
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,15 @@ ARTIFACTS_DIR = MLRUNS_DIR / "artifacts"
 CHAMPION_ALIAS = "champion"
 RUN_ID_FILE = "mlflow_run.json"  # beside the checkpoints: lets a resumed run log to the same MLflow run
 RUN_NAME_TAG = "atric.run_name"
+# Beside the checkpoints while a run finished training but not its MLflow logging: the
+# pipeline policy then keeps the finished last.pt so that a rerun only completes the logging.
+TRACKING_PENDING_FILE = "mlflow_pending.json"
+MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
+# MlflowException codes of a server that is down, restarting or overloaded (a connection
+# failure is raised as INTERNAL_ERROR): worth buffering or retrying; any other code is final.
+TRANSIENT_ERROR_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
+
+log = logging.getLogger("atric.tracking")
 
 
 class TrackingError(AtricError):
@@ -68,6 +79,35 @@ def experiment_id(name: str) -> str:
         )
     except MlflowException as exc:
         raise TrackingError(f"MLflow at {tracking_uri()}: {exc.message}") from exc
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` means "MLflow (or the store behind it) is unreachable now", not "bad request"."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(exc, MlflowException):
+        return exc.error_code in TRANSIENT_ERROR_CODES
+    return isinstance(exc, (requests.exceptions.RequestException, ConnectionError, TimeoutError))
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a message: MLflow's text, without the long retry chatter of urllib3."""
+    from mlflow.exceptions import MlflowException
+
+    text = exc.message if isinstance(exc, MlflowException) else f"{type(exc).__name__}: {exc}"
+    return " ".join(str(text).split())[:500]
+
+
+def mark_pending(run_dir: Path, run_id: str | None, reason: str) -> None:
+    """Record that ``run_dir`` finished training but its MLflow run is incomplete."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    doc = {"run_id": run_id, "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    write_text_atomic(run_dir / TRACKING_PENDING_FILE, json.dumps(doc) + "\n")
+
+
+def tracking_pending(run_dir: Path) -> bool:
+    return (run_dir / TRACKING_PENDING_FILE).exists()
 
 
 def git_commit() -> str:
@@ -145,7 +185,7 @@ def tracked_run(
         raise TrackingError(f"MLflow at {tracking_uri()}: cannot start run {run_name!r}: {exc.message}") from exc
     run_dir.mkdir(parents=True, exist_ok=True)
     write_text_atomic(run_dir / RUN_ID_FILE, json.dumps({"run_id": active.info.run_id}) + "\n")
-    status = "FAILED"
+    status, failed = "FAILED", False
     try:
         with _terminate_as_interrupt():
             if run_id is None:
@@ -155,10 +195,41 @@ def tracked_run(
             yield active
         status = "FINISHED"
     except KeyboardInterrupt:
-        status = "KILLED"
+        status, failed = "KILLED", True
+        raise
+    except BaseException:
+        failed = True
         raise
     finally:
-        mlflow.end_run(status=status)
+        _end_run(active.info.run_id, run_name, run_dir, status, failed)
+
+
+def _end_run(run_id: str, run_name: str, run_dir: Path, status: str, failed: bool) -> None:
+    """End the active run; the server may be down now too.
+
+    After an error, a failing end_run only warns: the error that ended the run is the one
+    to report (the run stays RUNNING and a rerun re-opens it). After success it raises a
+    TrackingError, as the run is not complete in MLflow yet.
+    """
+    import mlflow
+
+    try:
+        mlflow.end_run(status=status)  # pops the active run before the request: never left active
+    except Exception as exc:
+        if not is_transient(exc) and not failed:
+            raise
+        if failed:
+            log.warning(
+                "%s: cannot mark MLflow run %s %s at %s (%s); it stays RUNNING until the command runs again",
+                run_name, run_id, status, tracking_uri(), describe(exc),
+            )  # fmt: skip
+            return
+        mark_pending(run_dir, run_id, f"end_run: {describe(exc)}")
+        raise TrackingError(
+            f"{run_name}: the run finished locally (checkpoints and metrics in {run_dir}), but MLflow at "
+            f"{tracking_uri()} could not mark run {run_id} FINISHED ({describe(exc)}); run the same "
+            "command again to complete it (training is not repeated)"
+        ) from exc
 
 
 def _param_value(value: Any) -> str:
@@ -167,12 +238,87 @@ def _param_value(value: Any) -> str:
 
 
 class EpochMetricsLogger:
-    """Engine callback: per-epoch metrics into the active MLflow run."""
+    """Engine callback: per-epoch metrics into an MLflow run, buffered while MLflow is unreachable.
+
+    Training must not stop because the tracking server does: a failed request keeps the
+    epoch's metrics (with their step and time) in a buffer, warns once per outage, and the
+    buffer is sent, in order, with the next epoch's metrics or by :meth:`flush` at the end.
+    """
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = run_id
+        self.pending: list[Any] = []  # mlflow.entities.Metric, in the order they were produced
+        self.logged_steps: set[int] = set()  # epochs sent by this logger
+        self.last_error: BaseException | None = None
+        self._outage = False
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        import mlflow
+        from mlflow.entities import Metric
 
-        mlflow.log_metrics({_metric_name(k): float(v) for k, v in metrics.items()}, step=epoch)
+        now = int(time.time() * 1000)
+        self.pending.extend(Metric(_metric_name(k), float(v), now, epoch) for k, v in metrics.items())
+        self.flush()
+
+    def flush(self) -> bool:
+        """Send what is buffered; True when nothing is left. Unreachable MLflow: False, no raise."""
+        import mlflow
+        from mlflow import MlflowClient
+
+        run_id = self.run_id or mlflow.active_run().info.run_id
+        client = MlflowClient()
+        while self.pending:
+            batch = self.pending[:MAX_BATCH_METRICS]
+            try:
+                client.log_batch(run_id, metrics=batch)
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+                self.last_error = exc
+                if not self._outage:
+                    self._outage = True
+                    log.warning(
+                        "MLflow at %s unreachable (%s): training goes on; per-epoch metrics are kept "
+                        "and sent when it answers again", tracking_uri(), describe(exc),
+                    )  # fmt: skip
+                return False
+            del self.pending[: len(batch)]
+            self.logged_steps.update(m.step for m in batch)
+        if self._outage:
+            self._outage = False
+            log.warning("MLflow at %s reachable again: buffered metrics logged", tracking_uri())
+        self.last_error = None
+        return True
+
+    @property
+    def pending_steps(self) -> list[int]:
+        return sorted({m.step for m in self.pending})
+
+
+def backfill_history(run_id: str, history: Sequence[Mapping[str, float]], skip_steps: set[int]) -> int:
+    """Log the epochs of ``history`` the run lacks (a rerun after MLflow was down); returns the count.
+
+    Epochs in ``skip_steps`` were just logged by this process; the others are compared with
+    the run's own metric history, so nothing is logged twice.
+    """
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    rows = [row for row in history if int(row["epoch"]) not in skip_steps]
+    if not rows:
+        return 0
+    client = MlflowClient()
+    names = {_metric_name(k) for row in rows for k in row}
+    logged = {name: {m.step for m in client.get_metric_history(run_id, name)} for name in names}
+    now = int(time.time() * 1000)
+    missing = [
+        Metric(_metric_name(k), float(v), now, int(row["epoch"]))
+        for row in rows
+        for k, v in row.items()
+        if int(row["epoch"]) not in logged[_metric_name(k)]
+    ]
+    for start in range(0, len(missing), MAX_BATCH_METRICS):
+        client.log_batch(run_id, metrics=missing[start : start + MAX_BATCH_METRICS])
+    return len({m.step for m in missing})
 
 
 def _metric_name(name: str) -> str:

@@ -68,7 +68,7 @@ from atric.config import (
     Params,
     TuneParams,
 )
-from atric.engine import SELECTION_METRIC, run_name_for
+from atric.engine import SELECTION_METRIC, RunPaths, run_name_for
 from atric.errors import AtricError, ConfigError
 
 log = logging.getLogger("atric.tuning")
@@ -468,11 +468,11 @@ def _run_trial(params: Params, study: optuna.Study, trial: optuna.Trial) -> tupl
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     reporter = _Reporter(trial, study.study_name)
     state, value, interrupted = TrialState.FAIL, None, False
-    run_dir: Path | None = None
+    last_checkpoint: Path | None = None
     started = time.perf_counter()
     try:
         run_params = trial_params(params, suggest(trial, params.tune))
-        run_dir = Path(run_params.train.models_dir) / run_name
+        last_checkpoint = RunPaths.of(run_params.train, run_name).last
         result = train_tracked(
             run_params,
             run_name=run_name,
@@ -503,9 +503,9 @@ def _run_trial(params: Params, study: optuna.Study, trial: optuna.Trial) -> tupl
         with contextlib.suppress(Exception):
             tracking.configure()
             _mark_mlflow_run(reporter.run_id, state.name, status="KILLED" if interrupted else None)
-        if run_dir is not None:
+        if last_checkpoint is not None:
             # Trials are never resumed (policy restart): last.pt is dead weight; best.pt is kept.
-            (run_dir / "last.pt").unlink(missing_ok=True)
+            last_checkpoint.unlink(missing_ok=True)
     return state, value
 
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atric.audio import AUDIO_SUFFIXES
-from atric.corpus.prepare import Problems, csv_line, probe_audio, read_release_csv, relative_audio_path
-from atric.errors import DataError
+from atric.corpus.prepare import open_release, probe_audio, relative_audio_path, release_rows
 from atric.layout import EVAL_CAPTIONS_PER_CLIP, SPLITS, Manifest, ManifestClip
 
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
@@ -92,10 +91,7 @@ def read_audiocaps(
 
     ``sample_rate`` is the rate extraction resamples to (``data.sample_rate``); files keep theirs.
     """
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise DataError(f"{raw_dir}: AudioCaps raw folder not found (data.raw_dir)")
-    problems = Problems(f"the AudioCaps release in {raw_dir}")
+    raw_dir, problems = open_release(raw_dir, "AudioCaps")
     finder = AudioFinder(raw_dir)
     split_of: dict[str, tuple[str, str]] = {}  # youtube id -> (split, where first listed)
     caption_ids: dict[str, str] = {}  # audiocap_id -> where first listed
@@ -103,13 +99,10 @@ def read_audiocaps(
     clips: list[ManifestClip] = []
     for split in SPLITS:
         csv_path = audiocaps_csv_path(raw_dir, split)
-        frame = read_release_csv(csv_path, AUDIOCAPS_COLUMNS)
-        if frame.empty:
-            problems.add(f"{csv_path}: no clips listed")
         pending: dict[str, _Pending] = {}  # insertion order = first appearance in the file
-        rows = frame[list(AUDIOCAPS_COLUMNS)].itertuples(index=False, name=None)
-        for row, (caption_id, youtube_id, start_text, caption) in enumerate(rows):
-            line = csv_line(row)
+        for line, (caption_id, youtube_id, start_text, caption) in release_rows(
+            csv_path, AUDIOCAPS_COLUMNS, problems
+        ):
             where = f"{csv_path} line {line}"
             clip_id = youtube_id.strip()
             if not clip_id or "/" in clip_id:

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from atric.corpus.events import EVENT_TYPES
-from atric.layout import Manifest
+from atric.layout import EVAL_CAPTIONS_PER_CLIP, Manifest
 
-CAPTIONS_PER_CLIP = 5
-MODIFIERS = ("loud", "quiet", "distant", "briefly")
+CAPTIONS_PER_CLIP = EVAL_CAPTIONS_PER_CLIP  # every clip, so val/test clips meet the protocol
 ADJECTIVES = {
     "loud": ("loud",),
     "quiet": ("faint", "quiet", "soft"),

@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atric.corpus.prepare import Problems, csv_line, probe_audio, read_release_csv, relative_audio_path
-from atric.errors import DataError
+from atric.corpus.prepare import open_release, probe_audio, relative_audio_path, release_rows
 from atric.layout import Manifest, ManifestClip
 
 CLOTHO_SPLITS = {"development": "train", "validation": "val", "evaluation": "test"}
@@ -35,20 +34,15 @@ def read_clotho(
 
     ``sample_rate`` is the rate extraction resamples to (``data.sample_rate``); files keep theirs.
     """
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise DataError(f"{raw_dir}: Clotho raw folder not found (data.raw_dir)")
-    problems = Problems(f"the Clotho release in {raw_dir}")
+    raw_dir, problems = open_release(raw_dir, "Clotho")
     first_seen: dict[str, str] = {}  # clip id -> where it was first listed
     clips: list[ManifestClip] = []
     for release_split, split in CLOTHO_SPLITS.items():
         csv_path = clotho_csv_path(raw_dir, release_split)
-        frame = read_release_csv(csv_path, ("file_name", *CLOTHO_CAPTION_COLUMNS))
-        if frame.empty:
-            problems.add(f"{csv_path}: no clips listed")
-        rows = frame[["file_name", *CLOTHO_CAPTION_COLUMNS]].itertuples(index=False, name=None)
-        for row, (file_name, *raw_captions) in enumerate(rows):
-            where = f"{csv_path} line {csv_line(row)}"
+        for line, (file_name, *raw_captions) in release_rows(
+            csv_path, ("file_name", *CLOTHO_CAPTION_COLUMNS), problems
+        ):
+            where = f"{csv_path} line {line}"
             clip_id = file_name.strip()
             if not clip_id or "/" in clip_id or "\\" in clip_id:
                 problems.add(f"{where}: invalid file_name {file_name!r} (a bare file name is expected)")

@@ -14,8 +14,8 @@ Audio is not decoded or resampled here (extraction does that through
 ``atric.audio.load_audio``); every file's header is read to check it exists, is
 readable and is not empty, and to record its duration.
 
-Shared helpers for the importers live here too (``Problems``, ``read_release_csv``,
-``probe_audio``); the importers are imported lazily by ``read_raw`` so no cycle forms.
+Shared helpers for the importers live here too (``Problems``, ``open_release``,
+``release_rows``, ``probe_audio``); the importers are imported lazily by ``read_raw`` so no cycle forms.
 """
 
 from __future__ import annotations
@@ -90,6 +90,23 @@ def read_release_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
             f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
         )
     return frame
+
+
+def open_release(raw_dir: str | Path, corpus: str) -> tuple[Path, Problems]:
+    """A release's raw folder (DataError when absent) and the Problems found reading it."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise DataError(f"{raw_dir}: {corpus} raw folder not found (data.raw_dir)")
+    return raw_dir, Problems(f"the {corpus} release in {raw_dir}")
+
+
+def release_rows(path: Path, columns: Sequence[str], problems: Problems) -> list[tuple[int, tuple[str, ...]]]:
+    """(file line, values of ``columns``) per data row of a release CSV; no rows is a problem."""
+    frame = read_release_csv(path, columns)
+    if frame.empty:
+        problems.add(f"{path}: no clips listed")
+    rows = frame[list(columns)].itertuples(index=False, name=None)
+    return [(csv_line(row), values) for row, values in enumerate(rows)]
 
 
 def csv_line(row: int) -> int:

@@ -29,7 +29,6 @@ T = 1 + ceil(max(0, frames - 100) / step).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,9 +43,10 @@ from atric.errors import CheckpointError, ConfigError
 from atric.features.base import (
     AudioExpert,
     ExpertSettings,
+    embed_equal_lengths,
+    embed_in_chunks,
     extract_state_dict,
-    load_torch_file,
-    load_weights,
+    load_pretrained,
     pad_to_min_length,
     parse_settings,
     sha256_file,
@@ -101,6 +101,21 @@ def _numpy_safe_globals() -> list[Any]:
     return allowed
 
 
+def _embedding_state(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The embedding network's state_dict from what the package's weights file holds."""
+    # The package saves (state_dict of its CrossNet, dataset table); we keep only the
+    # embedding network (the classifier heads are per-training-dataset).
+    state = loaded[0] if isinstance(loaded, (tuple, list)) else loaded
+    state = extract_state_dict(state, path)
+    if any(k.startswith("embedding_net.") for k in state):
+        state = {
+            k.removeprefix("embedding_net."): v
+            for k, v in state.items()
+            if k.startswith("embedding_net.")
+        }
+    return state
+
+
 def _embedding_net() -> torch.nn.Module:
     try:
         from aisfx.models.cnn2d import EmbeddingNet
@@ -124,21 +139,9 @@ class AiSfx(AudioExpert):
         if not path.is_file():
             raise CheckpointError(f"{path}: aisfx weights not found; {INSTALL_HINT}")
         self.checkpoint_hash = sha256_file(path)
-        loaded = load_torch_file(path, _numpy_safe_globals())
-        # The package saves (state_dict of its CrossNet, dataset table); we keep only the
-        # embedding network (the classifier heads are per-training-dataset).
-        state = loaded[0] if isinstance(loaded, (tuple, list)) else loaded
-        state = extract_state_dict(state, path)
-        if any(k.startswith("embedding_net.") for k in state):
-            state = {
-                k.removeprefix("embedding_net."): v
-                for k, v in state.items()
-                if k.startswith("embedding_net.")
-            }
-        with torch.device("meta"):
-            self.model = _embedding_net()
-        load_weights(self.model, state, path)
-        self.model.to(device).eval()
+        self.model = load_pretrained(
+            _embedding_net, path, device, safe_globals=_numpy_safe_globals(), state_dict=_embedding_state
+        )
         self._mel_basis = librosa.filters.mel(
             sr=SAMPLE_RATE, n_fft=N_FFT, n_mels=MEL_BINS, fmin=0.0, fmax=SAMPLE_RATE / 2, htk=True, norm=1.0
         ).astype(np.float32)
@@ -189,31 +192,14 @@ class AiSfx(AudioExpert):
         return self._embed_shared(padded)
 
     def _embed_shared(self, padded: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
-        # Clips of equal padded length share one forward; others run alone, so that an
-        # output never depends on which clips share its batch.
-        results: list[np.ndarray | None] = [None] * len(padded)
-        groups: dict[int, list[int]] = {}
-        for i, (spec, _) in enumerate(padded):
-            groups.setdefault(spec.shape[0], []).append(i)
         step_positions = self.step // TIME_STRIDE
-        with torch.inference_mode():
-            for members in groups.values():
-                batch = torch.from_numpy(np.stack([padded[i][0] for i in members])).to(self.device)
-                fmap = self._conv_stack(batch)  # (b, 512, positions)
-                windows = fmap.unfold(2, BLOCK_POSITIONS, step_positions)  # (b, 512, n, 12)
-                out = windows.amax(dim=3).transpose(1, 2).float().cpu().numpy()  # (b, n, 512)
-                for row, i in enumerate(members):
-                    results[i] = np.ascontiguousarray(out[row, : padded[i][1]])
-        return [r for r in results if r is not None]
+
+        def windows(batch: torch.Tensor) -> torch.Tensor:
+            fmap = self._conv_stack(batch)  # (b, 512, positions)
+            return fmap.unfold(2, BLOCK_POSITIONS, step_positions).amax(dim=3).transpose(1, 2)  # (b, n, 512)
+
+        outputs = embed_equal_lengths([spec for spec, _ in padded], windows, self.device)
+        return [np.ascontiguousarray(out[:n]) for out, (_, n) in zip(outputs, padded, strict=True)]
 
     def _embed_blocks(self, blocks: list[np.ndarray]) -> list[np.ndarray]:
-        counts = [b.shape[0] for b in blocks]
-        stacked = np.concatenate(blocks) if blocks else np.zeros((0, BLOCK_FRAMES, MEL_BINS), np.float32)
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, stacked.shape[0], self.config.max_blocks_per_forward):
-                chunk = torch.from_numpy(stacked[start : start + self.config.max_blocks_per_forward])
-                outputs.append(self.model(chunk.to(self.device)).float().cpu().numpy())
-        flat = np.concatenate(outputs) if outputs else np.zeros((0, self.dim), np.float32)
-        bounds = np.cumsum([0, *counts])
-        return [np.ascontiguousarray(flat[a:b]) for a, b in itertools.pairwise(bounds)]
+        return embed_in_chunks(blocks, self.model, self.device, self.config.max_blocks_per_forward)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import itertools
 import json
 import pickle
 from abc import ABC, abstractmethod
@@ -120,6 +121,50 @@ def pad_to_min_length(waveform: np.ndarray, min_samples: int) -> np.ndarray:
     return np.pad(waveform, (0, min_samples - waveform.shape[0]))
 
 
+def embed_equal_lengths(
+    inputs: Sequence[np.ndarray], forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device
+) -> list[np.ndarray]:
+    """``forward`` over batches of equal-length inputs; one output per input, in input order.
+
+    Inputs of different lengths never share a forward pass (zero padding would leak into
+    the last frames through the convolutions), so an output never depends on which clips
+    share its batch.
+    """
+    results: list[np.ndarray | None] = [None] * len(inputs)
+    groups: dict[int, list[int]] = {}
+    for i, x in enumerate(inputs):
+        groups.setdefault(x.shape[0], []).append(i)
+    with torch.inference_mode():
+        for members in groups.values():
+            batch = torch.from_numpy(np.stack([inputs[i] for i in members])).to(device)
+            out = forward(batch).float().cpu().numpy()
+            for row, i in enumerate(members):
+                results[i] = np.ascontiguousarray(out[row])
+    return [r for r in results if r is not None]
+
+
+def embed_in_chunks(
+    parts: Sequence[np.ndarray],
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    device: torch.device,
+    chunk: int,
+) -> list[np.ndarray]:
+    """``forward`` over every clip's independent items (patches, blocks) together, ``chunk``
+    items per pass (bounds memory, not the output); returns each clip's output rows."""
+    if not parts:
+        return []
+    stacked = np.concatenate(parts)
+    with torch.inference_mode():
+        flat = np.concatenate(
+            [
+                forward(torch.from_numpy(stacked[i : i + chunk]).to(device)).float().cpu().numpy()
+                for i in range(0, stacked.shape[0], chunk)
+            ]
+        )
+    bounds = np.cumsum([0, *(p.shape[0] for p in parts)])
+    return [np.ascontiguousarray(flat[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with Path(path).open("rb") as fh:
@@ -197,6 +242,26 @@ def load_weights(
     # assign=True: models are built on the meta device (no wasted random init), so the
     # loaded tensors become the parameters; cast to the model's dtypes (e.g. fp16 files).
     model.load_state_dict({k: state[k].to(v.dtype) for k, v in expected.items()}, strict=True, assign=True)
+
+
+def load_pretrained(
+    build: Callable[[], torch.nn.Module],
+    path: Path,
+    device: torch.device,
+    *,
+    safe_globals: Sequence[Any] = (),
+    state_dict: Callable[[Any, Path], Mapping[str, torch.Tensor]] = extract_state_dict,
+) -> torch.nn.Module:
+    """``build()``'s network holding the weights of ``path`` (loaded strictly), on ``device``, in eval mode.
+
+    The network is built on the meta device (the weights come from the file: no wasted random
+    init); ``state_dict`` turns what the file holds into the network's state_dict.
+    """
+    state = state_dict(load_torch_file(path, safe_globals), path)
+    with torch.device("meta"):
+        model = build()
+    load_weights(model, state, path)
+    return model.to(device).eval()
 
 
 def checkpoint_path(name: str, value: str | None, where_to_get: str) -> Path:

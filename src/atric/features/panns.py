@@ -30,9 +30,8 @@ from atric.features.base import (
     AudioExpert,
     ExpertSettings,
     checkpoint_path,
-    extract_state_dict,
-    load_torch_file,
-    load_weights,
+    embed_equal_lengths,
+    load_pretrained,
     pad_to_min_length,
     parse_settings,
     sha256_file,
@@ -146,12 +145,8 @@ class _PannsExpert(AudioExpert):
         self.config = parse_settings(self.name, settings, PannsSettings)
         self.device = device
         path = checkpoint_path(self.name, self.config.checkpoint, WHERE_TO_GET)
-        with torch.device("meta"):  # weights come from the file: skip the random init
-            self.model = PannsCnn(self.channels)
-        state = extract_state_dict(load_torch_file(path), path)
-        load_weights(self.model, state, path)
+        self.model = load_pretrained(lambda: PannsCnn(self.channels), path, device)
         self.checkpoint_hash = sha256_file(path)
-        self.model.to(device).eval()
         self.dim = self.model.dim
         self.hop_seconds = HOP * self.model.time_stride / SAMPLE_RATE
         # Enough STFT frames for every 2x pooling to keep at least one frame.
@@ -162,17 +157,7 @@ class _PannsExpert(AudioExpert):
 
     def embed(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
         padded = [pad_to_min_length(w, self.min_samples) for w in waveforms]
-        results: list[np.ndarray | None] = [None] * len(padded)
-        groups: dict[int, list[int]] = {}
-        for i, w in enumerate(padded):
-            groups.setdefault(w.shape[0], []).append(i)
-        with torch.inference_mode():
-            for members in groups.values():
-                batch = torch.from_numpy(np.stack([padded[i] for i in members])).to(self.device)
-                out = self.model.frames(batch).float().cpu().numpy()
-                for row, i in enumerate(members):
-                    results[i] = np.ascontiguousarray(out[row])
-        return [r for r in results if r is not None]
+        return embed_equal_lengths(padded, self.model.frames, self.device)
 
 
 class PannsCnn10(_PannsExpert):

@@ -13,7 +13,6 @@ dropped, as in the reference.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -26,9 +25,8 @@ from atric.features.base import (
     AudioExpert,
     ExpertSettings,
     checkpoint_path,
-    extract_state_dict,
-    load_torch_file,
-    load_weights,
+    embed_in_chunks,
+    load_pretrained,
     pad_to_min_length,
     parse_settings,
     sha256_file,
@@ -117,11 +115,8 @@ class VGGish(AudioExpert):
         self.config = parse_settings(self.name, settings, VGGishSettings)
         self.device = device
         path = checkpoint_path(self.name, self.config.checkpoint, WHERE_TO_GET)
-        with torch.device("meta"):  # weights come from the file: skip the random init
-            self.model = VGGishNet()
-        load_weights(self.model, extract_state_dict(load_torch_file(path), path), path)
+        self.model = load_pretrained(VGGishNet, path, device)
         self.checkpoint_hash = sha256_file(path)
-        self.model.to(device).eval()
         self.patch_hop = max(1, round(self.config.patch_hop_seconds * 100))  # in 10 ms frames
         self.hop_seconds = self.patch_hop * HOP / SAMPLE_RATE
         self.min_samples = WINDOW + (PATCH_FRAMES - 1) * HOP
@@ -137,16 +132,7 @@ class VGGish(AudioExpert):
         return np.ascontiguousarray(windows.transpose(0, 2, 1), dtype=np.float32)
 
     def embed(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
-        # Patches are independent, so all clips' patches share one forward pass.
+        # Patches are independent, so all clips' patches share the forward passes; chunks
+        # bound the conv activations (64 patches: about 100 MB for the first layer).
         patches = [self.patches(w) for w in waveforms]
-        counts = np.cumsum([0, *(p.shape[0] for p in patches)])
-        stacked = torch.from_numpy(np.concatenate(patches))
-        with torch.inference_mode():
-            # Chunks bound the conv activations (64 patches: about 100 MB for the first layer).
-            flat = np.concatenate(
-                [
-                    self.model(stacked[i : i + PATCHES_PER_FORWARD].to(self.device)).float().cpu().numpy()
-                    for i in range(0, stacked.shape[0], PATCHES_PER_FORWARD)
-                ]
-            )
-        return [np.ascontiguousarray(flat[a:b]) for a, b in itertools.pairwise(counts)]
+        return embed_in_chunks(patches, self.model, self.device, PATCHES_PER_FORWARD)
