@@ -31,6 +31,7 @@ from typing import Any
 
 import mlflow
 import pytest
+from environment import skip_or_fail
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fakes  # noqa: E402
@@ -63,7 +64,7 @@ def _missing_binaries() -> str | None:
 def stack() -> Iterator[Stack]:
     reason = _missing_binaries()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     state = Path(tempfile.mkdtemp(prefix="atric-faults-"))
     state.chmod(0o711)  # as root, PostgreSQL runs as user postgres: it must enter this dir
     stack = Stack(Settings.generate(state))

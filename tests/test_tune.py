@@ -19,6 +19,7 @@ from typing import Any
 
 import optuna
 import pytest
+from environment import skip_or_fail
 import torch
 import yaml
 from optuna.trial import TrialState
@@ -321,9 +322,9 @@ def postgres() -> Iterator[services.Settings]:
     try:
         services.pg_bindir()
     except services.StackError as exc:
-        pytest.skip(str(exc))
+        skip_or_fail(str(exc))
     if os.geteuid() == 0 and shutil.which("runuser") is None:
-        pytest.skip("running as root without runuser: PostgreSQL cannot be started")
+        skip_or_fail("running as root without runuser: PostgreSQL cannot be started")
     state = Path(tempfile.mkdtemp(prefix="atric-tune-pg-"))
     state.chmod(0o711)  # as root, PostgreSQL runs as user postgres: it must enter this dir
     settings = services.Settings.generate(state)
