@@ -7,6 +7,8 @@ metrics move (while staying tiny and fast).
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +91,31 @@ def tiny_params(root: Path, **train: Any) -> dict[str, Any]:
 def write_params(path: Path, params: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(params), encoding="utf-8")
     return path
+
+
+REPO = Path(__file__).resolve().parents[1]
+# Results of the repo's own full run, committed as DVC expects; a tiny copy makes its own.
+PIPELINE_RESULTS = ("dvc.lock", "metrics/", "reports/")
+
+
+def copy_repo_with_params(dest: Path, override: dict[str, Any]) -> Path:
+    """Tracked files of the repo (working-tree versions, without committed pipeline results)
+    into ``dest``, with params.yaml merged with ``override``: a tiny repo for end-to-end runs."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    for name in tracked.stdout.split("\0"):
+        if not name or name.startswith(PIPELINE_RESULTS) or not (REPO / name).is_file():
+            continue
+        (dest / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, dest / name)
+    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), override)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return dest
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from environment import skip_or_fail
+from fakes import copy_repo_with_params
 
 from atric import services
 from atric.services import Settings, Stack
@@ -49,15 +50,6 @@ TINY = {
 # What `dvc pull` must restore (DVC outputs) and what git carries (cache: false metrics and reports).
 PULLED = ["data/raw", f"data/{EXPERIMENT}", "models", "indexes"]
 FROM_GIT = ["metrics", "reports", "dvc.lock", "data.dvc"]
-
-
-def _merge(base: dict, override: dict) -> dict:
-    for key, value in override.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
 
 
 def _run(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -127,17 +119,7 @@ def _client_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def retrained(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str], str]:
     """A tiny copy of the repo, committed on `main`, after deploy/retrain.sh; its results committed too."""
-    work = tmp_path_factory.mktemp("origin")
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.split("\0"):
-        if name and (REPO / name).is_file():
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, work / name)
-    for name in ("dvc.yaml", "deploy/retrain.sh", "Makefile"):  # the files under test, committed or not
-        shutil.copy2(REPO / name, work / name)
-    params = _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (work / "dvc.lock").unlink(missing_ok=True)
+    work = copy_repo_with_params(tmp_path_factory.mktemp("origin"), TINY)
     env = _client_env()
     _run(["git", "init", "-q", "-b", "main"], work, env)
     _run([sys.executable, "src/synthesize.py", "--no-progress"], work, env)
