@@ -17,11 +17,9 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +29,7 @@ from typing import Any
 
 import mlflow
 import pytest
-from environment import skip_or_fail
+from environment import require_stack_binaries, throwaway_stack
 
 sys.path.insert(0, str(Path(__file__).parent))
 import fakes  # noqa: E402
@@ -40,7 +38,7 @@ from atric import services, tracking, tuning  # noqa: E402
 from atric.config import Params, load_params  # noqa: E402
 from atric.engine import RunPaths  # noqa: E402
 from atric.experiment import train_tracked  # noqa: E402
-from atric.services import Settings, Stack  # noqa: E402
+from atric.services import Stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = REPO / "src" / "tune.py"
@@ -49,31 +47,11 @@ RUN = "fa-netrvlad"  # run_name_for(fakes.tiny_params)
 pytestmark = pytest.mark.integration
 
 
-def _missing_binaries() -> str | None:
-    try:
-        services.pg_bindir()
-        services._venv_tool("weed")
-    except services.StackError as exc:
-        return str(exc)
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root without runuser: PostgreSQL cannot be started"
-    return None
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    reason = _missing_binaries()
-    if reason:
-        skip_or_fail(reason)
-    state = Path(tempfile.mkdtemp(prefix="atric-faults-"))
-    state.chmod(0o711)  # as root, PostgreSQL runs as user postgres: it must enter this dir
-    stack = Stack(Settings.generate(state))
-    try:
-        stack.up()
+    require_stack_binaries()
+    with throwaway_stack("atric-faults-") as stack:
         yield stack
-    finally:
-        stack.down()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 @pytest.fixture()

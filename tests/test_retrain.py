@@ -10,20 +10,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
-from environment import skip_or_fail
+from environment import require_stack_binaries, throwaway_stack
 from fakes import copy_repo_with_params
 
 from atric import services
-from atric.services import Settings, Stack
+from atric.services import Stack
 
 pytestmark = pytest.mark.integration
 
@@ -70,35 +68,12 @@ def _digests(root: Path, names: list[str]) -> dict[str, str]:
     return out
 
 
-def _missing_binaries() -> str | None:
-    try:
-        services.pg_bindir()
-        services._venv_tool("weed")
-    except services.StackError as exc:
-        return str(exc)
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root without runuser: PostgreSQL cannot be started"
-    if shutil.which("make") is None:
-        return "make not installed"
-    return None
-
-
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
     """A throwaway stack on free ports with fresh credentials, stopped and deleted afterwards."""
-    reason = _missing_binaries()
-    if reason:
-        skip_or_fail(reason)
-    state = Path(tempfile.mkdtemp(prefix="atric-retrain-stack-"))
-    state.chmod(0o711)  # PostgreSQL runs as user postgres when we are root: it must enter this dir
-    stack = Stack(Settings.generate(state / "stack"))
-    try:
-        timings = stack.up()
-        print(f"\nstack up in {timings['total']:.1f}s")
+    require_stack_binaries(make=True)
+    with throwaway_stack("atric-retrain-stack-") as stack:
         yield stack
-    finally:
-        stack.down()
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def _client_env() -> dict[str, str]:

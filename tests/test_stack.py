@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from environment import skip_or_fail
+from environment import require_stack_binaries, skip_or_fail
 import yaml
 
 from atric import services, tracking
@@ -24,17 +24,6 @@ from atric.services import Settings, Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_SH = ROOT / "deploy" / "stack.sh"
-
-
-def _missing_binaries() -> str | None:
-    try:
-        services.pg_bindir()
-        services._venv_tool("weed")
-    except services.StackError as exc:
-        return str(exc)
-    if os.geteuid() == 0 and shutil.which("runuser") is None:
-        return "running as root without runuser: PostgreSQL cannot be started"
-    return None
 
 
 def _script_env(state: Path) -> dict[str, str]:
@@ -51,9 +40,7 @@ def _script_env(state: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def stack() -> Iterator[Stack]:
-    reason = _missing_binaries()
-    if reason:
-        skip_or_fail(reason)
+    require_stack_binaries()
     state = Path(tempfile.mkdtemp(prefix="atric-stack-"))
     state.chmod(0o711)  # PostgreSQL runs as user postgres when we are root: it must enter this dir
     env = _script_env(state)
