@@ -34,7 +34,7 @@ run: venv data/raw
 	$(BIN)/dvc metrics show
 
 ui: venv
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \
 		--default-artifact-root mlruns/artifacts --host 127.0.0.1 --port 5000
 
 test: venv
