@@ -38,4 +38,4 @@ case "${1:-}" in
     *) usage >&2; exit 2 ;;
 esac
 
-PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m atric.services "$@"
+PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" exec "$PYTHON" -m atric.ops.services "$@"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
 from atric.engine import evaluate_checkpoint, run_name_for
-from atric.experiment import log_evaluation
+from atric.ops.experiment import log_evaluation
 from atric.metrics import format_metrics_table
 from atric.report import write_recall_curve
 

@@ -15,7 +15,7 @@ import logging
 
 from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
 from atric.engine import run_name_for
-from atric.experiment import train_tracked
+from atric.ops.experiment import train_tracked
 from atric.metrics import format_metrics_table
 
 

@@ -10,7 +10,7 @@
 
 Writes tune/<study>/best_params.yaml, tune/<study>/report/*.png|html and prints the
 `dvc exp run -S ...` command of the best trial. Live view: optuna-dashboard sqlite:///tune/optuna.db
-See atric.tuning for many workers, heartbeats and retries.
+See atric.ops.tuning for many workers, heartbeats and retries.
 """
 
 from __future__ import annotations

@@ -10,8 +10,8 @@ import json
 from pathlib import Path
 
 from atric.cli import add_params_arguments, params_from_args, run
-from atric.tracking import RUN_ID_FILE
-from atric.ui_check import check_experiment_page
+from atric.ops.tracking import RUN_ID_FILE
+from atric.ops.ui_check import check_experiment_page
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from atric.services import Stack
+    from atric.ops.services import Stack
 
 
 def skip_or_fail(reason: str) -> None:
@@ -44,7 +44,7 @@ def throwaway_stack(prefix: str) -> Iterator[Stack]:
     import tempfile
     from pathlib import Path
 
-    from atric.services import Settings, Stack
+    from atric.ops.services import Settings, Stack
 
     state = Path(tempfile.mkdtemp(prefix=prefix))
     state.chmod(0o711)  # as root, PostgreSQL runs as user postgres: it must enter this dir

@@ -1,5 +1,5 @@
 """Faults of the production stack, for real: a throwaway PostgreSQL + SeaweedFS S3 + MLflow
-server (atric.services) on 127.0.0.1, and services stopped and started in the middle of work.
+server (atric.ops.services) on 127.0.0.1, and services stopped and started in the middle of work.
 
 - the MLflow server dies mid-run: training goes on, per-epoch metrics are buffered and sent
   when it returns; if it never returns, a TrackingError and a rerun that completes the run;
@@ -37,8 +37,8 @@ import fakes  # noqa: E402
 from atric import services, tracking, tuning  # noqa: E402
 from atric.config import Params, load_params  # noqa: E402
 from atric.engine import RunPaths  # noqa: E402
-from atric.experiment import train_tracked  # noqa: E402
-from atric.services import Stack  # noqa: E402
+from atric.ops.experiment import train_tracked  # noqa: E402
+from atric.ops.services import Stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = REPO / "src" / "tune.py"
@@ -171,9 +171,9 @@ def test_mlflow_down_mid_run_training_goes_on_and_buffered_metrics_arrive_in_ord
     assert [row["epoch"] for row in result.history] == [1, 2, 3, 4]
     run_id = _run_id(params)
     # One warning for the outage, naming the server; one when the buffer went out.
-    down = _warnings(caplog, "atric.tracking", "unreachable")
+    down = _warnings(caplog, "atric.ops.tracking", "unreachable")
     assert len(down) == 1 and client.settings.mlflow_url in down[0]
-    assert len(_warnings(caplog, "atric.tracking", "reachable again")) == 1
+    assert len(_warnings(caplog, "atric.ops.tracking", "reachable again")) == 1
     # Every epoch once, with its own step, value and the time it was measured (epoch 2 was
     # buffered through the outage and sent with epoch 3, yet keeps its earlier timestamp).
     for key in ("val_t2a_R1", "train_loss"):
@@ -203,9 +203,9 @@ def test_mlflow_down_until_the_end_is_a_clear_error_and_a_rerun_completes_the_ru
     message = str(info.value)
     assert "finished locally" in message and url in message
     assert "epochs 2, 3 not sent" in message and "Run the same command again" in message
-    assert len(_warnings(caplog, "atric.tracking", "unreachable")) == 1
+    assert len(_warnings(caplog, "atric.ops.tracking", "unreachable")) == 1
     # The real error is the one raised: ending the run FAILED failed too, and only warned.
-    assert _warnings(caplog, "atric.tracking", "cannot mark MLflow run")
+    assert _warnings(caplog, "atric.ops.tracking", "cannot mark MLflow run")
     # Everything training produced is on disk.
     assert paths.best.is_file() and paths.last.is_file() and paths.metrics.is_file()
     assert len(json.loads(paths.history.read_text())) == 3
@@ -251,7 +251,7 @@ def test_s3_down_mid_run_upload_is_retried_and_succeeds_when_s3_returns(
 ) -> None:
     params = _params(tmp_path, data_root, epochs=3)
     paths = RunPaths.of(params.train, RUN)
-    logger = logging.getLogger("atric.experiment")
+    logger = logging.getLogger("atric.ops.experiment")
     # S3 comes back only once the first upload has failed and been reported: the success
     # afterwards can only come from a retry.
     restart = _OnWarning("failed", client.s3.start)
@@ -264,7 +264,7 @@ def test_s3_down_mid_run_upload_is_retried_and_succeeds_when_s3_returns(
     assert restart.thread is not None
     restart.thread.join(timeout=60)
 
-    failed = _warnings(caplog, "atric.experiment", "upload of checkpoints/best.pt")
+    failed = _warnings(caplog, "atric.ops.experiment", "upload of checkpoints/best.pt")
     assert failed and "stays on local disk" in failed[0] and client.settings.mlflow_url in failed[0]
     run_id = _run_id(params)
     assert _status(run_id) == "FINISHED"

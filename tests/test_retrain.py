@@ -21,7 +21,7 @@ from environment import require_stack_binaries, throwaway_stack
 from fakes import copy_repo_with_params
 
 from atric import services
-from atric.services import Stack
+from atric.ops.services import Stack
 
 pytestmark = pytest.mark.integration
 

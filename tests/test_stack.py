@@ -20,7 +20,7 @@ from environment import require_stack_binaries, skip_or_fail
 import yaml
 
 from atric import services, tracking
-from atric.services import Settings, Stack, free_port
+from atric.ops.services import Settings, Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 STACK_SH = ROOT / "deploy" / "stack.sh"

@@ -1,4 +1,4 @@
-"""atric.storage against a real SeaweedFS S3 server started for this module (no mocks)."""
+"""atric.ops.storage against a real SeaweedFS S3 server started for this module (no mocks)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 from environment import skip_or_fail
 
 from atric import storage
-from atric.services import SeaweedS3, Settings, _venv_tool
-from atric.storage import RetryPolicy, StorageError
+from atric.ops.services import SeaweedS3, Settings, _venv_tool
+from atric.ops.storage import RetryPolicy, StorageError
 
 try:
     _venv_tool("weed")

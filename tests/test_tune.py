@@ -1,4 +1,4 @@
-"""Hyperparameter search (atric.tuning, src/tune.py) against real storages: SQLite files,
+"""Hyperparameter search (atric.ops.tuning, src/tune.py) against real storages: SQLite files,
 a PostgreSQL server started here on 127.0.0.1, and an MLflow SQLite store; worker processes
 are real `python src/tune.py` processes, one of them SIGKILLed mid-trial."""
 
@@ -120,7 +120,7 @@ def mlflow_trial_runs(study_name: str) -> tuple[list[Any], list[Any]]:
     """(parent runs, trial runs) of a study in the configured MLflow store."""
     from mlflow import MlflowClient
 
-    from atric import tracking
+    from atric.ops import tracking
 
     tracking.configure()
     client = MlflowClient()
@@ -318,7 +318,7 @@ def test_sigterm_fails_the_running_trial_and_queues_a_retry(
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[services.Settings]:
-    """A throwaway PostgreSQL on 127.0.0.1 (atric.services), with the `optuna` database."""
+    """A throwaway PostgreSQL on 127.0.0.1 (atric.ops.services), with the `optuna` database."""
     try:
         services.pg_bindir()
     except services.StackError as exc:

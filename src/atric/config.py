@@ -262,7 +262,7 @@ def check_search_dimension(
 
 
 class TuneParams(Section):
-    """``python src/tune.py`` (atric.tuning): the study, its budget and the search space.
+    """``python src/tune.py`` (atric.ops.tuning): the study, its budget and the search space.
 
     ``space`` maps train.* param names to distributions, e.g.
     ``lr: {type: float, low: 1.0e-4, high: 3.0e-2, log: true}``.

@@ -256,7 +256,7 @@ def download(
         if verify and not expected:
             raise StorageError(
                 f"download {url}: object has no {CHECKSUM_KEY} metadata to verify against "
-                "(not uploaded by atric.storage.upload; pass verify=False to accept it)"
+                "(not uploaded by atric.ops.storage.upload; pass verify=False to accept it)"
             )
         with atomic_path(local_path) as tmp:
             s3.download_file(bucket, key, str(tmp))

@@ -34,7 +34,7 @@ MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
 # failure is raised as INTERNAL_ERROR): worth buffering or retrying; any other code is final.
 TRANSIENT_ERROR_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
 
-log = logging.getLogger("atric.tracking")
+log = logging.getLogger("atric.ops.tracking")
 
 
 class TrackingError(AtricError):

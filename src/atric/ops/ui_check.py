@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from atric.errors import AtricError
-from atric.services import free_port
-from atric.tracking import ARTIFACTS_DIR, DEFAULT_TRACKING_URI
+from atric.ops.services import free_port
+from atric.ops.tracking import ARTIFACTS_DIR, DEFAULT_TRACKING_URI
 
 # Without the background-networking flags Chromium keeps dialling Google on a closed network.
 CHROMIUM_FLAGS = (

@@ -59,7 +59,7 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from atric import tracking
+from atric.ops import tracking
 from atric.atomic import atomic_path, write_text_atomic
 from atric.config import (
     CategoricalDistribution,
@@ -71,7 +71,7 @@ from atric.config import (
 from atric.engine import SELECTION_METRIC, RunPaths, run_name_for
 from atric.errors import AtricError, ConfigError
 
-log = logging.getLogger("atric.tuning")
+log = logging.getLogger("atric.ops.tuning")
 
 OBJECTIVE = f"val_{SELECTION_METRIC}"  # the engine's per-epoch row key; maximised
 LIVE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
@@ -461,7 +461,7 @@ def _run_trial(params: Params, study: optuna.Study, trial: optuna.Trial) -> tupl
     worker) -> FAIL and the worker goes on; Ctrl-C/SIGTERM -> FAIL plus a queued retry, then
     the interrupt propagates; any other exception -> FAIL and propagates.
     """
-    from atric.experiment import train_tracked
+    from atric.ops.experiment import train_tracked
 
     run_name = f"{run_name_for(params.train)}-trial{trial.number}"
     trial.set_user_attr("run_name", run_name)

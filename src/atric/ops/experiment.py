@@ -18,15 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atric import tracking
+from atric.ops import tracking
 from atric.config import Params, flatten
 from atric.device import resolve_device
 from atric.engine import RunPaths, TrainResult, check_names, load_checkpoint, run_name_for, train
 from atric.errors import CheckpointError
 from atric.model import RetrievalModel
-from atric.storage import RetryPolicy
+from atric.ops.storage import RetryPolicy
 
-log = logging.getLogger("atric.experiment")
+log = logging.getLogger("atric.ops.experiment")
 
 # auto: continue a matching last.pt, refuse a different one (the engine's rule);
 # resume: last.pt must exist; restart: discard it;

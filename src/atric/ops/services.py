@@ -1,6 +1,6 @@
 """The production stack on one machine, without Docker: PostgreSQL, SeaweedFS S3, MLflow server.
 
-One implementation serves ``deploy/stack.sh`` (``python -m atric.services up|down|status|env``)
+One implementation serves ``deploy/stack.sh`` (``python -m atric.ops.services up|down|status|env``)
 and the integration tests (which start a throwaway stack in a temp dir).
 
 Everything binds to 127.0.0.1. Credentials come from the environment or a git-ignored ``.env``;
@@ -170,7 +170,7 @@ class Settings:
         }
 
     def client_env(self) -> dict[str, str]:
-        """What train.py / tune.py / dvc / atric.storage need to use this stack."""
+        """What train.py / tune.py / dvc / atric.ops.storage need to use this stack."""
         return {
             **self.s3_env(),
             "MLFLOW_TRACKING_URI": self.mlflow_url,
@@ -704,7 +704,7 @@ def ensure_bucket_from_env(bucket: str | None = None, timeout: float = 60) -> st
     """Create the bucket with the client's own AWS_* settings (docker-compose: before mlflow server)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
-    from atric.storage import make_client
+    from atric.ops.storage import make_client
 
     name = bucket or os.environ.get("ATRIC_S3_BUCKET", DEFAULT_BUCKET)
     deadline = time.monotonic() + timeout
@@ -737,7 +737,7 @@ def _print_status(stack: Stack) -> int:
 
 
 def main(argv: Iterable[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="atric.services", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="atric.ops.services", description=__doc__.split("\n")[0])
     parser.add_argument("command", choices=["up", "down", "status", "env", "dvc-remote", "ensure-bucket"])
     parser.add_argument("--env-file", type=Path, default=Path(os.environ.get("ATRIC_ENV_FILE", ENV_FILE)))
     parser.add_argument("--repo", type=Path, default=Path("."), help="dvc-remote: the DVC repo")
