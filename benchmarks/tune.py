@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import fakes  # noqa: E402
 
-from atric import engine, tuning  # noqa: E402
+from atric import engine  # noqa: E402
+from atric.ops import tuning  # noqa: E402
 from atric.config import Params  # noqa: E402
 
 

@@ -80,7 +80,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    from atric import tuning
+    from atric.ops import tuning
 
     if args.create_only:
         study = tuning.create_study(params)

@@ -24,7 +24,7 @@ def require_stack_binaries(*, make: bool = False) -> None:
     """PostgreSQL server binaries, `weed`, and (as root) `runuser`; `make` when asked."""
     import shutil
 
-    from atric import services
+    from atric.ops import services
 
     try:
         services.pg_bindir()

@@ -34,7 +34,7 @@ from environment import require_stack_binaries, throwaway_stack
 sys.path.insert(0, str(Path(__file__).parent))
 import fakes  # noqa: E402
 
-from atric import services, tracking, tuning  # noqa: E402
+from atric.ops import services, tracking, tuning  # noqa: E402
 from atric.config import Params, load_params  # noqa: E402
 from atric.engine import RunPaths  # noqa: E402
 from atric.ops.experiment import train_tracked  # noqa: E402

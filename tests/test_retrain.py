@@ -20,7 +20,7 @@ import yaml
 from environment import require_stack_binaries, throwaway_stack
 from fakes import copy_repo_with_params
 
-from atric import services
+from atric.ops import services
 from atric.ops.services import Stack
 
 pytestmark = pytest.mark.integration

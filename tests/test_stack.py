@@ -19,7 +19,7 @@ import pytest
 from environment import require_stack_binaries, skip_or_fail
 import yaml
 
-from atric import services, tracking
+from atric.ops import services, tracking
 from atric.ops.services import Settings, Stack, free_port
 
 ROOT = Path(__file__).resolve().parents[1]

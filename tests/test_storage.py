@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from environment import skip_or_fail
 
-from atric import storage
+from atric.ops import storage
 from atric.ops.services import SeaweedS3, Settings, _venv_tool
 from atric.ops.storage import RetryPolicy, StorageError
 

@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).parent))
 import fakes
 
-from atric import services, tuning
+from atric.ops import services, tuning
 from atric.config import load_params
 from atric.errors import ConfigError
 
