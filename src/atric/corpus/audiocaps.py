@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atric.audio import AUDIO_SUFFIXES
-from atric.corpus.prepare import open_release, probe_audio, relative_audio_path, release_rows
+from atric.corpus.release import open_release, probe_audio, relative_audio_path, release_rows
 from atric.layout import EVAL_CAPTIONS_PER_CLIP, SPLITS, Manifest, ManifestClip
 
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")

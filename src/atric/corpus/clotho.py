@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atric.corpus.prepare import open_release, probe_audio, relative_audio_path, release_rows
+from atric.corpus.release import open_release, probe_audio, relative_audio_path, release_rows
 from atric.layout import Manifest, ManifestClip
 
 CLOTHO_SPLITS = {"development": "train", "validation": "val", "evaluation": "test"}

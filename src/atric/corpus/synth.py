@@ -39,7 +39,8 @@ from tqdm import tqdm
 
 from atric.config import DataParams
 from atric.corpus.captions import CaptionEvent, event_relations, heldout_overlap, make_captions
-from atric.corpus.events import EVENT_TYPES, pink_noise, render_event
+from atric.corpus.events import EVENT_TYPES, render_event
+from atric.corpus.sounds import pink_noise
 from atric.errors import DataError
 from atric.layout import SPLITS, Manifest, ManifestClip
 

@@ -1,0 +1,104 @@
+"""What the release importers (Clotho, AudioCaps) share: problem collection, release CSVs,
+audio header probes and manifest-relative paths."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import pandas as pd
+
+from atric.audio import audio_duration
+from atric.errors import DataError
+
+MAX_REPORTED_PROBLEMS = 10
+T = TypeVar("T")
+
+
+class Problems:
+    """Collects what is wrong across a whole corpus, so one run names every broken file
+    (up to ``MAX_REPORTED_PROBLEMS``) instead of only the first of thousands."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.items: list[str] = []
+
+    def add(self, message: str) -> None:
+        self.items.append(message)
+
+    def check(self, fn: Callable[..., T], *args: object) -> T | None:
+        """Run ``fn``; a DataError becomes a recorded problem and None."""
+        try:
+            return fn(*args)
+        except DataError as exc:
+            self.add(str(exc))
+            return None
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if not self.items:
+            return
+        if len(self.items) == 1:
+            raise DataError(self.items[0])
+        shown = self.items[:MAX_REPORTED_PROBLEMS]
+        more = len(self.items) - len(shown)
+        lines = [f"{len(self.items)} problems in {self.what}:", *(f"  {m}" for m in shown)]
+        if more:
+            lines.append(f"  ... and {more} more")
+        raise DataError("\n".join(lines))
+
+
+def read_release_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    """A release CSV as strings (empty cells stay ""), with the required columns present."""
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    try:
+        # dtype=str and no NA parsing: ids like "NA" or "001" and empty captions stay as written.
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not a readable CSV: {exc}") from exc
+    frame.columns = [str(c).strip() for c in frame.columns]  # some exports pad header names
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(frame.columns)}"
+        )
+    return frame
+
+
+def open_release(raw_dir: str | Path, corpus: str) -> tuple[Path, Problems]:
+    """A release's raw folder (DataError when absent) and the Problems found reading it."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise DataError(f"{raw_dir}: {corpus} raw folder not found (data.raw_dir)")
+    return raw_dir, Problems(f"the {corpus} release in {raw_dir}")
+
+
+def release_rows(path: Path, columns: Sequence[str], problems: Problems) -> list[tuple[int, tuple[str, ...]]]:
+    """(file line, values of ``columns``) per data row of a release CSV; no rows is a problem."""
+    frame = read_release_csv(path, columns)
+    if frame.empty:
+        problems.add(f"{path}: no clips listed")
+    rows = frame[list(columns)].itertuples(index=False, name=None)
+    return [(csv_line(row), values) for row, values in enumerate(rows)]
+
+
+def csv_line(row: int) -> int:
+    """The 1-based line of data row ``row`` (0-based) in a CSV with one header line."""
+    return row + 2
+
+
+def probe_audio(path: Path, clip_id: str) -> float:
+    """Header check (no decoding): the file exists, is readable and has frames; returns seconds."""
+    duration = audio_duration(path, clip_id)  # DataError naming file and clip if missing/unreadable
+    if not duration > 0:
+        raise DataError(f"{path} (clip {clip_id!r}): audio file has zero length")
+    return duration
+
+
+def relative_audio_path(path: Path, audio_root: Path) -> str:
+    """Manifest audio paths are POSIX and relative to the manifest's ``audio_root``."""
+    return path.relative_to(audio_root).as_posix()
