@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from atric.config import load_params
-from atric.engine import build_model
+from atric.factory import build_model
 from atric.errors import AtricError
 from atric.layout import Layout
 from atric.search import Searcher, SearchIndex

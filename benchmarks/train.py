@@ -20,6 +20,7 @@ forked workers count once per process, so this over-estimates).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -31,17 +32,18 @@ from typing import Any, Self
 import numpy as np
 import psutil
 import torch
-from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from atric.config import load_params
-from atric.data import EpochSampler, PairCollate, PairDataset, SplitData, open_split
+from atric.data import SplitData, open_split
 from atric.device import resolve_device
-from atric.engine import build_model, build_optimizer, build_train_loss
+from atric.engine import train_epoch, train_loader
+from atric.factory import build_loss, build_model, build_optimizer
 from atric.layout import Clip, Layout, write_features, write_index, write_text_embeddings
 from atric.metrics import retrieval_metrics
 from atric.model import POOLINGS
+from atric.precision import Precision
 
 GIB = 1 << 30
 
@@ -95,41 +97,29 @@ def measure(
     torch.manual_seed(0)
     with PeakRSS() as rss:
         model = build_model(tp, data.expert_dims, data.text_dim).to(device)
-        loss_fn = build_train_loss(tp).to(device)
+        loss_fn = build_loss(tp).to(device)
         optimizer = build_optimizer(tp, model, loss_fn)
-        batch_size = min(tp.batch_size, len(data.words))
-        loader = DataLoader(
-            PairDataset(data),
-            batch_size=batch_size,
-            sampler=EpochSampler(len(data.words), 0),
-            collate_fn=PairCollate(data.max_frames),
-            num_workers=num_workers,
-            prefetch_factor=2 if num_workers > 0 else None,
-            pin_memory=device.type == "cuda",
-            drop_last=True,
+        loader, _ = train_loader(data, batch_size=tp.batch_size, seed=0, num_workers=num_workers, device=device)
+        batch_size = loader.batch_size
+        step = functools.partial(
+            train_epoch,
+            model=model,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            loader=loader,
+            device=device,
+            precision=Precision.create(tp.precision, device),
+            epoch=1,
+            epochs=1,
+            run_name=f"benchmark-{pooling}",
+            last_path=Path(tempfile.gettempdir()) / "atric-benchmark-none.pt",
         )
-        model.train()
-        wait = busy = 0.0
-        clips = measured = 0
-        iterator = iter(loader)
-        for step in range(min(steps + warmup, len(loader))):
-            t0 = time.perf_counter()
-            batch = next(iterator)
-            t1 = time.perf_counter()
-            batch = batch.to(device)
-            sim = model(batch.audio, batch.words, batch.word_mask)
-            loss = loss_fn(sim.float(), batch.caption_clip)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            float(loss.detach())  # synchronises, as the engine's NaN check does
-            t2 = time.perf_counter()
-            if step >= warmup:
-                wait += t1 - t0
-                busy += t2 - t0
-                clips += int(batch.clip_index.shape[0])
-                measured += 1
-        del iterator, loader
+        if warmup:
+            step(max_steps=warmup)
+        # The engine's own epoch function, cut to ``steps`` batches: what training really runs.
+        _, busy, wait, clips = step(max_steps=steps)
+        measured = min(steps, len(loader))
+        del loader
     return {
         "steps": measured,
         "batch_size": batch_size,

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from atric.config import apply_overrides, flatten, load_params, preset_overrides
+from atric.config import (
+    Params,
+    TrainParams,
+    apply_overrides,
+    flatten,
+    load_params,
+    preset_overrides,
+    signature_keys,
+    train_dvc_params,
+)
 from atric.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,3 +72,41 @@ def test_preset_with_unknown_key_is_refused(tmp_path: Path) -> None:
     bad.write_text(yaml.safe_dump({"train": {"epoch": 3}}))
     with pytest.raises(ConfigError, match=r"train\.epoch"):
         preset_overrides(bad)
+
+
+def test_dvc_train_stage_depends_on_exactly_the_result_params() -> None:
+    """dvc.yaml's train params are derived from the schema's roles, not written by hand."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert stages["train"]["params"] == train_dvc_params()
+    assert "train.precision" in train_dvc_params() and "train.epochs" in train_dvc_params()
+    assert "train.device" not in train_dvc_params() and "train.poolings" not in train_dvc_params()
+
+
+def test_every_train_param_has_a_role_and_the_signature_leaves_out_schedule_and_runtime() -> None:
+    roles = {name: (info.json_schema_extra or {}).get("role") for name, info in TrainParams.model_fields.items()}
+    assert None not in roles.values(), [k for k, v in roles.items() if v is None]
+    assert "epochs" not in signature_keys() and "device" not in signature_keys()
+    assert {"pooling", "experts", "margin", "precision"} <= set(signature_keys())
+
+
+def test_params_yaml_states_the_schema_defaults() -> None:
+    """One default per param: the committed params.yaml says what the schema defaults are."""
+    from_file = flatten(load_params(REPO / "params.yaml").model_dump(exclude={"tune": {"space"}}))
+    defaults = flatten(Params().model_dump(exclude={"tune": {"space"}}))
+    # Per-expert feature settings are validated (and defaulted) by each expert: not compared here.
+    assert {k: v for k, v in from_file.items() if k in defaults and defaults[k] != v} == {}
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.pooling=avg", "train.pooling: unknown pooling 'avg'; valid: mean, max, lstm, netvlad, netrvlad"),
+        ("train.poolings=[mean,meen]", "train.poolings.1: unknown pooling 'meen'"),
+        ("train.poolings=[]", "train.poolings: List should have at least 1 item"),
+        ("train.experts=[fa,fa]", "duplicate expert names"),
+        ("train.precision=fp8", "train.precision: unknown precision 'fp8'; valid: fp32, bf16, fp16"),
+    ],
+)
+def test_names_are_validated_at_load(override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_params(REPO / "params.yaml", [override])

@@ -19,8 +19,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).parent))
 import fakes
 
-from atric import engine
+from atric import engine, factory
 from atric.config import Params
+from atric.engine import loop
 from atric.errors import AtricError, CheckpointError, DataError
 from atric.model import POOLINGS
 
@@ -197,9 +198,9 @@ class NaNAtCall(nn.Module):
 def test_nan_loss_stops_with_epoch_and_step_and_keeps_the_last_checkpoint(
     data_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = engine.build_train_loss
+    real = factory.build_loss
     steps_per_epoch = (24 * 5) // 16
-    monkeypatch.setattr(engine, "build_train_loss", lambda tp: NaNAtCall(real(tp), steps_per_epoch + 3))
+    monkeypatch.setattr(loop, "build_loss", lambda tp: NaNAtCall(real(tp), steps_per_epoch + 3))
     params = make_params(data_root, tmp_path, epochs=3)
     with pytest.raises(
         AtricError, match=r"loss is nan at epoch 2, step 3.*last good checkpoint .*last\.pt is kept"

@@ -17,10 +17,10 @@ LENGTHS = (5, 2, 7)  # clips of different lengths in one batch
 FRAMES = 9  # padded length, longer than every clip
 
 
-def make_pooling(name: str, **overrides: int) -> torch.nn.Module:
+def make_pooling(name: str, dim: int = DIM, **overrides: int) -> torch.nn.Module:
     torch.manual_seed(0)
     kwargs = {"clusters": 3, "ghost_clusters": 1, "lstm_hidden": 5, **overrides}
-    return build_pooling(name, DIM, **kwargs)
+    return build_pooling(name, dim, **kwargs)
 
 
 def padded_batch(clips: list[torch.Tensor], garbage: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,9 +100,9 @@ def test_output_dims(name: str, expected: int) -> None:
     assert out.shape == (len(LENGTHS), expected)
 
 
-def test_default_lstm_hidden_and_ghost_clusters_do_not_change_dims() -> None:
-    assert build_pooling("lstm", DIM).output_dim == 2048
-    assert build_pooling("netvlad", DIM, clusters=4, ghost_clusters=2).output_dim == 4 * DIM
+def test_lstm_hidden_sets_the_dim_and_ghost_clusters_do_not_change_it() -> None:
+    assert build_pooling("lstm", DIM, clusters=4, ghost_clusters=0, lstm_hidden=2048).output_dim == 2048
+    assert build_pooling("netvlad", DIM, clusters=4, ghost_clusters=2, lstm_hidden=5).output_dim == 4 * DIM
 
 
 @pytest.mark.parametrize("name", POOLINGS)
@@ -121,7 +121,7 @@ def test_gradients_reach_parameters_and_only_real_frames(name: str) -> None:
 
 
 def test_mean_pooling_value() -> None:
-    pooling = build_pooling("mean", 2)
+    pooling = make_pooling("mean", dim=2)
     x = torch.tensor([[[3.0, 4.0], [2.0, 0.0], [7.0, 7.0]]])
     mask = torch.tensor([[True, True, False]])
     # frames normalise to (0.6, 0.8) and (1, 0); mean (0.8, 0.4); normalised.
@@ -130,7 +130,7 @@ def test_mean_pooling_value() -> None:
 
 
 def test_max_pooling_padding_never_wins() -> None:
-    pooling = build_pooling("max", 2)
+    pooling = make_pooling("max", dim=2)
     x = torch.tensor([[[-3.0, -1.0], [-2.0, -5.0], [0.0, 0.0]]])  # zero padding would win the max
     mask = torch.tensor([[True, True, False]])
     torch.testing.assert_close(pooling(x, mask), torch.tensor([[-2.0, -1.0]]))
@@ -148,7 +148,7 @@ def test_lstm_pooling_is_mean_of_hidden_states() -> None:
 @pytest.mark.parametrize("name", ["netvlad", "netrvlad"])
 def test_netvlad_matches_a_plain_loop(name: str) -> None:
     torch.manual_seed(0)
-    pooling = build_pooling(name, DIM, clusters=3, ghost_clusters=2).eval()
+    pooling = build_pooling(name, DIM, clusters=3, ghost_clusters=2, lstm_hidden=5).eval()
     with torch.no_grad():  # non-trivial BatchNorm running statistics and affine terms
         pooling.assign_bn.running_mean.uniform_(-0.5, 0.5)
         pooling.assign_bn.running_var.uniform_(0.5, 2.0)
@@ -187,13 +187,13 @@ def test_row_without_real_frames_gives_zeros(name: str) -> None:
 
 def test_unknown_pooling_lists_valid_names() -> None:
     with pytest.raises(ConfigError) as info:
-        build_pooling("attention", DIM)
+        make_pooling("attention")
     for name in POOLINGS:
         assert name in str(info.value)
 
 
 def test_bad_inputs_are_data_errors() -> None:
-    pooling = build_pooling("mean", DIM)
+    pooling = make_pooling("mean")
     with pytest.raises(DataError, match="mask"):
         pooling(torch.randn(2, 4, DIM), torch.ones(2, 3, dtype=torch.bool))
     with pytest.raises(DataError, match="feature dim"):

@@ -26,6 +26,7 @@ from gensim.models import KeyedVectors
 from atric import engine
 from atric.config import Params, TextParams
 from atric.data import open_split, pad_frames
+from atric.embed import split_similarity
 from atric.errors import DataError
 from atric.features import build_expert
 from atric.layout import SPLITS, Clip, Layout, write_features, write_index
@@ -237,7 +238,7 @@ def test_text_query_json_matches_evaluation_scores(trained: dict[str, Any]) -> N
     assert all(h["split"] == "val" for h in hits)
 
     model, data = model_and_val(params)
-    sim = engine.similarity_matrix(model, data, device=torch.device("cpu"), batch_size=8)
+    sim = split_similarity(model, data, device=torch.device("cpu"), batch_size=8)
     row = torch.from_numpy(sim[16])
     top = torch.topk(row, 5)
     assert [h["clip_id"] for h in hits] == [data.clips[i].clip_id for i in top.indices.tolist()]
@@ -249,7 +250,7 @@ def test_text_query_json_matches_evaluation_scores(trained: dict[str, Any]) -> N
 def test_caption_hit_rate_equals_rate_from_similarity(trained: dict[str, Any]) -> None:
     params = trained["params"]
     model, data = model_and_val(params)
-    sim = engine.similarity_matrix(model, data, device=torch.device("cpu"), batch_size=8)
+    sim = split_similarity(model, data, device=torch.device("cpu"), batch_size=8)
     for k in (1, 3):
         top = np.argsort(-sim, axis=1)[:, :k]
         expected = float(np.mean([i // 5 in top[i] for i in range(sim.shape[0])]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -40,3 +41,8 @@ def _current_umask() -> int:
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: str | os.PathLike[str], value: object) -> None:
+    """JSON with sorted keys and a trailing newline: the same value gives the same bytes."""
+    write_text_atomic(path, json.dumps(value, indent=1, sort_keys=True) + "\n")

@@ -23,17 +23,17 @@ class Section(BaseModel):
 
 
 class SplitSizes(Section):
-    train: int = Field(1000, ge=1)
-    val: int = Field(250, ge=1)
-    test: int = Field(250, ge=1)
+    train: int = Field(800, ge=1)
+    val: int = Field(200, ge=1)
+    test: int = Field(200, ge=1)
 
 
 class SynthParams(Section):
     """The embedded default corpus (see atric.corpus.synth)."""
 
     clips: SplitSizes = SplitSizes()
-    min_duration: float = Field(5.0, gt=0)
-    max_duration: float = Field(8.0, gt=0)
+    min_duration: float = Field(4.0, gt=0)
+    max_duration: float = Field(7.0, gt=0)
     max_events: int = Field(3, ge=1)
     noise_db: float = -35.0
 
@@ -125,41 +125,94 @@ class Word2VecParams(Section):
 
 class TextParams(Section):
     vectors: str = "glove-6b-50d"
-    max_words: int = Field(20, ge=1)
+    max_words: int = Field(32, ge=1)  # the original used 20; SynthCaps' three-event captions run longer
     cache_dir: str = "data/cache"
     on_empty: Literal["raise", "unk"] = "raise"
     word2vec: Word2VecParams = Word2VecParams()
 
 
+# ---------------------------------------------------------------- train params and their roles
+# Every train.* field says once, next to its default, what it is:
+#   result   changes what a run computes: a DVC dependency of the train stage and part of the
+#            checkpoint signature (a last.pt trained otherwise is not resumed)
+#   run      which run it is (experts, pooling): in the signature; the DVC matrix passes it on
+#            each stage's command line instead of as a params dependency
+#   schedule a DVC dependency but deliberately not in the signature: epochs (the schedule steps
+#            per epoch, so a longer run continues a shorter one)
+#   runtime  where and how fast it runs, and the pipeline's matrix: neither
+# dvc.yaml's train params and the run signature are derived from these (tests/test_config.py
+# checks dvc.yaml against ``train_dvc_params()``).
+Role = Literal["result", "run", "schedule", "runtime"]
+PoolingName = Literal["mean", "max", "lstm", "netvlad", "netrvlad"]
+LossName = Literal["max_margin", "infonce"]
+FusionName = Literal["uniform", "text_weighted"]
+OptimizerName = Literal["ranger", "adamw"]
+PrecisionName = Literal["fp32", "bf16", "fp16"]
+
+
+def _role(role: Role, default: Any, **kwargs: Any) -> Any:
+    return Field(default, json_schema_extra={"role": role}, **kwargs)
+
+
 class TrainParams(Section):
-    experts: list[str] = ["logmel"]
-    pooling: str = "netrvlad"
+    experts: list[str] = _role("run", ["logmel"], min_length=1)
+    pooling: PoolingName = _role("run", "netrvlad")
     # The pipeline's run matrix: features.experts x train.poolings (dvc.yaml `matrix`).
-    poolings: list[str] = ["mean", "max", "lstm", "netvlad", "netrvlad"]
-    text_pooling: str = "netvlad"
-    embed_dim: int = Field(256, ge=1)
-    audio_clusters: int = Field(12, ge=1)
-    text_clusters: int = Field(20, ge=1)
-    ghost_clusters: int = Field(0, ge=0)
-    lstm_hidden: int = Field(512, ge=1)
-    fusion: Literal["uniform", "text_weighted"] = "uniform"
-    loss: Literal["max_margin", "infonce"] = "max_margin"
-    margin: float = Field(0.2, ge=0)
-    temperature: float = Field(0.07, gt=0)
-    optimizer: Literal["ranger", "adamw"] = "ranger"
-    lr: float = Field(0.01, gt=0)
-    weight_decay: float = Field(1e-3, ge=0)
-    lr_step_gamma: float = Field(0.95, gt=0, le=1)
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=2)
-    seed: int = 0
-    device: str = "auto"
-    mixed_precision: bool = False
-    max_frames: dict[str, int] = {}
-    cache_in_ram: Literal["auto", "yes", "no"] = "auto"
-    num_workers: int = Field(0, ge=0)
-    models_dir: str = "models"
-    metrics_dir: str = "metrics"
+    poolings: list[PoolingName] = _role("runtime", ["mean", "max", "lstm", "netvlad", "netrvlad"], min_length=1)
+    text_pooling: PoolingName = _role("result", "netvlad")
+    embed_dim: int = _role("result", 256, ge=1)
+    audio_clusters: int = _role("result", 12, ge=1)
+    text_clusters: int = _role("result", 20, ge=1)
+    ghost_clusters: int = _role("result", 0, ge=0)
+    lstm_hidden: int = _role("result", 128, ge=1)  # the paper: 2048; CPU LSTMs are slow
+    fusion: FusionName = _role("result", "uniform")
+    loss: LossName = _role("result", "max_margin")
+    margin: float = _role("result", 0.2, ge=0)
+    temperature: float = _role("result", 0.07, gt=0)
+    optimizer: OptimizerName = _role("result", "ranger")
+    lr: float = _role("result", 0.01, gt=0)
+    weight_decay: float = _role("result", 1e-3, ge=0)
+    lr_step_gamma: float = _role("result", 0.95, gt=0, le=1)
+    epochs: int = _role("schedule", 12, ge=1)  # the paper: 20
+    batch_size: int = _role("result", 128, ge=2)
+    seed: int = _role("result", 0)
+    precision: PrecisionName = _role("result", "fp32")  # atric.precision: autocast dtype and scaler
+    max_frames: dict[str, int] = _role("result", {})
+    device: str = _role("runtime", "auto")
+    cache_in_ram: Literal["auto", "yes", "no"] = _role("runtime", "auto")
+    num_workers: int = _role("runtime", 0, ge=0)
+    models_dir: str = _role("runtime", "models")
+    metrics_dir: str = _role("runtime", "metrics")
+
+    @field_validator("experts")
+    @classmethod
+    def _distinct_experts(cls, experts: list[str]) -> list[str]:
+        if len(set(experts)) != len(experts):
+            raise ValueError(f"duplicate expert names in {experts}")
+        return experts
+
+
+def train_keys(*roles: Role) -> tuple[str, ...]:
+    """The train.* fields of the given roles, in schema order."""
+    return tuple(
+        name
+        for name, info in TrainParams.model_fields.items()
+        if (info.json_schema_extra or {}).get("role") in roles
+    )
+
+
+def signature_keys() -> tuple[str, ...]:
+    """train.* keys in a run's checkpoint signature."""
+    return train_keys("result", "run")
+
+
+# Params outside ``train`` that the train stage depends on (the text branch's input vectors).
+TRAIN_STAGE_OTHER_PARAMS = ("text.vectors",)
+
+
+def train_dvc_params() -> list[str]:
+    """The params list of dvc.yaml's train stage: exactly what can change a trained model."""
+    return [*TRAIN_STAGE_OTHER_PARAMS, *(f"train.{k}" for k in train_keys("result", "schedule"))]
 
 
 class EvaluateParams(Section):
@@ -180,12 +233,9 @@ class SearchParams(Section):
     hit_rate_k: int = Field(10, ge=1)  # caption_hit_rate's k, printed by the index stage
 
 
-# train.* keys that do not change what a run computes: where and how fast it runs, epochs (the
-# schedule steps per epoch, so a longer run continues a shorter one) and the pipeline matrix.
-NON_RESULT_KEYS = ("epochs", "device", "num_workers", "cache_in_ram", "models_dir", "metrics_dir", "poolings")
-# train.* keys a search may not vary: those above (no effect on results; epochs: the tuner's
-# own budget, pruning decides), the pipeline matrix and list/dict params.
-UNTUNABLE_KEYS = frozenset(NON_RESULT_KEYS) | {"poolings", "experts", "max_frames"}
+# train.* keys a search may not vary: those that change no result, epochs (the tuner's own
+# budget; pruning decides) and list/dict params. ``pooling`` may be a categorical dimension.
+UNTUNABLE_KEYS = frozenset(train_keys("runtime", "schedule")) | {"experts", "max_frames"}
 
 
 class FloatDistribution(Section):
@@ -283,6 +333,9 @@ class TuneParams(Section):
     grace_period: int | None = Field(None, ge=1)  # seconds without a heartbeat -> FAIL; None: 2 x interval
     max_retry: int = Field(2, ge=0)  # retries of a trial whose worker died
     max_failures: int = Field(3, ge=1)  # consecutive failed trials that stop a worker
+    # A database outage (e.g. a PostgreSQL restart): each storage call is retried with backoff
+    # for up to this many seconds, then the worker stops with a clear error.
+    storage_retry_seconds: float = Field(120.0, ge=0)
     space: dict[str, SearchDimension] = {}
 
     @field_validator("space")
@@ -309,8 +362,20 @@ def _format_validation_error(exc: ValidationError, source: str) -> str:
     lines = [f"{source}: invalid params:"]
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"])
-        lines.append(f"  {key}: {err['msg'].removeprefix('Value error, ')}")
+        lines.append(f"  {key}: {_error_message(err)}")
     return "\n".join(lines)
+
+
+def _error_message(err: Any) -> str:
+    """pydantic's message, except for a name outside a Literal: 'unknown pooling 'avg'; valid: ...'."""
+    if err["type"] == "literal_error":
+        names = [str(p) for p in err["loc"] if isinstance(p, str)]
+        noun = names[-1] if names else "value"
+        if isinstance(err["loc"][-1], int):  # an item of a list param: poolings -> pooling
+            noun = noun.removesuffix("s")
+        valid = err["ctx"]["expected"].replace("'", "").replace(" or ", ", ")
+        return f"unknown {noun.replace('_', ' ')} {err['input']!r}; valid: {valid}"
+    return str(err["msg"]).removeprefix("Value error, ")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

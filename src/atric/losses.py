@@ -8,14 +8,15 @@ one caption in the batch (a clip with none has no positive and cannot be ranked)
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
+from atric.config import LossName
 from atric.errors import ConfigError, DataError
 
-LOSSES: tuple[str, ...] = ("max_margin", "infonce")
+LOSSES: tuple[str, ...] = get_args(LossName)  # declared once, in the params schema
 
 
 def _check(sim: Tensor, caption_clip: Tensor) -> Tensor:

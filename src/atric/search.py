@@ -39,16 +39,17 @@ import h5py
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from atric.atomic import atomic_path
 from atric.audio import load_audio
 from atric.config import Params
-from atric.data import ClipCollate, ClipDataset, SplitData, collate_words, open_split, pad_frames, pad_words
+from atric.data import SplitData, open_split, pad_words
 from atric.device import resolve_device
-from atric.engine import RunPaths, load_checkpoint, model_from_checkpoint
+from atric.embed import embed_captions, embed_clips, frames_to_batch
+from atric.engine import RunPaths, load_checkpoint
 from atric.errors import AtricError, CheckpointError, DataError
+from atric.factory import model_from_checkpoint
 from atric.features.base import build_expert, sha256_file
 from atric.layout import SPLITS, FeatureFile, Layout, read_text_attrs
 from atric.model import RetrievalModel
@@ -75,7 +76,7 @@ def build_command(run: str) -> str:
 
 def _load_model(path: Path, device: torch.device) -> tuple[RetrievalModel, dict[str, Any]]:
     checkpoint = load_checkpoint(path)
-    model = model_from_checkpoint(checkpoint).to(device).eval()
+    model = model_from_checkpoint(checkpoint).to(device)
     info = {
         "params_hash": str(checkpoint.get("params_hash", "")),
         "max_frames": {k: int(v) for k, v in checkpoint["max_frames"].items()},
@@ -100,24 +101,13 @@ class IndexReport:
 def _embed_split(
     model: RetrievalModel, data: SplitData, device: torch.device, batch_size: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(audio [X, N, E], caption text [X, M, E], caption weights [M, X]) as evaluation computes them."""
-    clips = DataLoader(ClipDataset(data), batch_size=batch_size, collate_fn=ClipCollate(data.max_frames))
-    audio: list[list[Tensor]] = [[] for _ in model.experts]
-    for batch in clips:
-        embedded = model.encode_audio({k: (x.to(device), m.to(device)) for k, (x, m) in batch.items()})
-        for i, name in enumerate(model.experts):
-            audio[i].append(embedded[name].float().cpu())
-    text: list[list[Tensor]] = [[] for _ in model.experts]
-    weights: list[Tensor] = []
-    for words, mask in DataLoader(data.words, batch_size=batch_size, collate_fn=collate_words):
-        embeddings, w = model.encode_text(words.to(device), mask.to(device))
-        for i, name in enumerate(model.experts):
-            text[i].append(embeddings[name].float().cpu())
-        weights.append(w.float().cpu())
+    """(audio [X, N, E], caption text [X, M, E], caption weights [M, X]) through atric.embed."""
+    audio = embed_clips(model, data, device=device, batch_size=batch_size)
+    text, weights = embed_captions(model, data, device=device, batch_size=batch_size)
     return (
-        torch.stack([torch.cat(parts) for parts in audio]).numpy(),
-        torch.stack([torch.cat(parts) for parts in text]).numpy(),
-        torch.cat(weights).numpy(),
+        torch.stack([audio[name].cpu() for name in model.experts]).numpy(),
+        torch.stack([text[name].cpu() for name in model.experts]).numpy(),
+        weights.cpu().numpy(),
     )
 
 
@@ -483,7 +473,7 @@ class Searcher:
                 raise DataError(
                     f"features.{name}: the expert gives dim {frames.shape[1]}, the model expects {dims[name]}"
                 )
-            batch[name] = pad_frames([frames], int(max_frames[name]))
+            batch.update(frames_to_batch({name: frames}, max_frames))
         return batch
 
     @torch.no_grad()

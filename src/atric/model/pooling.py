@@ -13,15 +13,17 @@ has at least one frame), but a stray one does not poison the batch.
 from __future__ import annotations
 
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from atric.config import PoolingName
 from atric.errors import ConfigError, DataError
 
-POOLINGS: tuple[str, ...] = ("mean", "max", "lstm", "netvlad", "netrvlad")
+POOLINGS: tuple[str, ...] = get_args(PoolingName)  # the names are declared once, in the params schema
 
 
 def _check_inputs(x: Tensor, mask: Tensor, input_dim: int) -> Tensor:
@@ -152,9 +154,9 @@ def build_pooling(
     name: str,
     input_dim: int,
     *,
-    clusters: int = 12,
-    ghost_clusters: int = 0,
-    lstm_hidden: int = 2048,
+    clusters: int,
+    ghost_clusters: int,
+    lstm_hidden: int,
 ) -> nn.Module:
     """Build a pooling by name; the module maps (x [B,T,D], mask [B,T]) -> [B, output_dim]."""
     if input_dim < 1:

@@ -10,16 +10,17 @@ Fusion weights: ``uniform`` (1/E each, the paper's setting) or ``text_weighted``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor, nn
 
+from atric.config import FusionName
 from atric.errors import ConfigError, DataError
 from atric.model.gated import GatedEmbeddingUnit
 from atric.model.pooling import build_pooling
 
-FUSIONS: tuple[str, ...] = ("uniform", "text_weighted")
+FUSIONS: tuple[str, ...] = get_args(FusionName)  # declared once, in the params schema
 
 AudioBatch = dict[str, tuple[Tensor, Tensor]]
 TextOutput = tuple[dict[str, Tensor], Tensor]

@@ -18,12 +18,22 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from atric.ops import tracking
 from atric.config import Params, flatten
 from atric.device import resolve_device
-from atric.engine import RunPaths, TrainResult, check_names, load_checkpoint, run_name_for, train
+from atric.embed import frames_to_batch
+from atric.engine import (
+    RunPaths,
+    TrainResult,
+    load_checkpoint,
+    run_name_for,
+    run_signature,
+    signature_differences,
+    train,
+)
 from atric.errors import CheckpointError
+from atric.factory import model_from_checkpoint
 from atric.model import RetrievalModel
+from atric.ops import tracking
 from atric.ops.storage import RetryPolicy
 
 log = logging.getLogger("atric.ops.experiment")
@@ -93,8 +103,6 @@ def _apply_pipeline_policy(params: Params, paths: RunPaths) -> bool:
 
 def _signature_matches(params: Params, checkpoint: dict[str, Any]) -> bool:
     """The engine's signature check without the data: lengths and dims come from the checkpoint."""
-    from atric.engine import run_signature, signature_differences
-
     configured = params.train.max_frames
     max_frames = {e: configured.get(e, checkpoint["max_frames"].get(e)) for e in params.train.experts}
     current = run_signature(params, max_frames, checkpoint["model_config"])
@@ -113,7 +121,6 @@ def train_tracked(
 ) -> TrainResult:
     """Train one run inside an MLflow run; artifacts: checkpoints, metrics, the model."""
     run_name = run_name or run_name_for(params.train)
-    check_names(params.train)  # a typo must fail before an MLflow run or a folder is created
     paths = RunPaths.of(params.train, run_name)
     resume, restart = policy == "resume", policy == "restart"
     if policy == "pipeline":
@@ -238,19 +245,22 @@ def _log_artifacts(paths: RunPaths, run_id: str | None = None, *, log_model: boo
 class AudioEmbedder(nn.Module):
     """The servable audio side of a single-expert model: features [B, T, D] -> embeddings [B, E].
 
-    Frames that are all zeros count as padding, as the training collate pads with zeros.
+    Each row is one whole clip (rows of one batch share T); its frames are cut to the run's
+    padded length and masked exactly as training does (``atric.embed.frames_to_batch``).
     """
 
-    def __init__(self, model: RetrievalModel) -> None:
+    def __init__(self, model: RetrievalModel, max_frames: dict[str, int]) -> None:
         super().__init__()
         if len(model.experts) != 1:
             raise CheckpointError("only single-expert models are logged as an MLflow model")
         self.model = model
         self.expert = model.experts[0]
+        self.max_frames = {k: int(v) for k, v in max_frames.items()}
 
     def forward(self, features: Tensor) -> Tensor:
-        mask = features.abs().sum(dim=-1) > 0
-        return self.model.encode_audio({self.expert: (features, mask)})[self.expert]
+        x, mask = frames_to_batch({self.expert: features}, self.max_frames)[self.expert]
+        device = features.device
+        return self.model.encode_audio({self.expert: (x.to(device), mask.to(device))})[self.expert]
 
 
 def log_best_model(best_path: Path, artifact_name: str = "model") -> None:
@@ -259,13 +269,11 @@ def log_best_model(best_path: Path, artifact_name: str = "model") -> None:
     from mlflow.models import infer_signature
 
     checkpoint = load_checkpoint(best_path)
-    model = RetrievalModel.from_config(checkpoint["model_config"])
-    model.load_state_dict(checkpoint["model"])
-    model.eval()
+    model = model_from_checkpoint(checkpoint)
     if len(model.experts) != 1:
         log.info("multi-expert model: checkpoint artifacts only, no MLflow model")
         return
-    embedder = AudioEmbedder(model).eval()
+    embedder = AudioEmbedder(model, dict(checkpoint["max_frames"])).eval()
     expert = model.experts[0]
     frames = int(checkpoint["max_frames"][expert])
     dim = int(checkpoint["model_config"]["expert_dims"][expert])
@@ -324,7 +332,7 @@ def register_champion(params: Params, run_name: str) -> str | None:
         return None
     run_id = json.loads(run_file.read_text())["run_id"]
     tracking.configure()
-    return tracking.register_champion(run_id, registered_model_name(params))
+    return tracking.register_with_alias(run_id, registered_model_name(params))
 
 
 def champion_run(params: Params) -> str:

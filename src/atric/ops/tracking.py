@@ -332,7 +332,7 @@ def log_metrics(metrics: Mapping[str, float], prefix: str = "", step: int | None
     mlflow.log_metrics({_metric_name(prefix + k): float(v) for k, v in metrics.items()}, step=step)
 
 
-def register_champion(run_id: str, model_name: str, artifact_path: str = "model") -> str:
+def register_with_alias(run_id: str, model_name: str, artifact_path: str = "model") -> str:
     """Register the run's logged model and point the ``champion`` alias at the new version."""
     import mlflow
     from mlflow import MlflowClient

@@ -1,0 +1,93 @@
+"""Evaluation: retrieval metrics of a model on a val/test split, and of a saved checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from atric.atomic import write_json_atomic
+from atric.config import Params
+from atric.data import SplitData, open_split
+from atric.device import resolve_device
+from atric.embed import split_similarity
+from atric.engine.checkpoint import load_checkpoint
+from atric.engine.runs import RunPaths, evaluation_metrics_path
+from atric.errors import AtricError, CheckpointError, ConfigError, DataError
+from atric.factory import model_from_checkpoint
+from atric.layout import EVAL_CAPTIONS_PER_CLIP, Layout
+from atric.metrics import retrieval_metrics
+from atric.model import RetrievalModel
+from atric.precision import FP32, Precision
+
+
+def evaluate_split(
+    model: RetrievalModel,
+    data: SplitData,
+    *,
+    device: torch.device,
+    batch_size: int,
+    num_workers: int = 0,
+    precision: Precision = FP32,
+    where: str = "",
+) -> dict[str, float]:
+    """Retrieval metrics of ``model`` on a val/test split (5 captions per clip)."""
+    sim = split_similarity(
+        model, data, device=device, batch_size=batch_size, num_workers=num_workers, precision=precision
+    )
+    if not np.isfinite(sim).all():
+        raise AtricError(
+            f"{where or data.split}: the {data.split} similarities hold NaN/inf: the model diverged "
+            "(lower train.lr)"
+        )
+    return retrieval_metrics(sim, captions_per_clip=EVAL_CAPTIONS_PER_CLIP)
+
+
+def evaluate_checkpoint(
+    params: Params, run_name: str, split: str = "test", which: str = "best"
+) -> dict[str, float]:
+    """Metrics of a run's ``best``/``last`` checkpoint on ``split``; writes <metrics_dir>/<split>/<run>.json.
+
+    The model, its experts and their padded lengths come from the checkpoint; the data
+    (dataset, root, text vectors) from ``params``.
+    """
+    if which not in ("best", "last"):
+        raise ConfigError(f"evaluate.checkpoint: {which!r} is not one of best, last")
+    tp = params.train
+    paths = RunPaths.of(tp, run_name)
+    device = resolve_device(tp.device)
+    checkpoint = load_checkpoint(paths.best if which == "best" else paths.last)
+    trained_vectors = checkpoint["signature"].get("text.vectors")
+    if trained_vectors != params.text.vectors:
+        raise CheckpointError(
+            f"{run_name}: trained with text.vectors={trained_vectors!r}, params say {params.text.vectors!r}"
+        )
+    model = model_from_checkpoint(checkpoint).to(device)
+    config = model.config()
+    data = open_split(
+        Layout(params.data.dataset, params.data.root),
+        split,
+        experts=list(model.experts),
+        vectors=params.text.vectors,
+        max_frames=dict(checkpoint["max_frames"]),
+        cache_in_ram=tp.cache_in_ram,
+        expert_dims=config["expert_dims"],
+    )
+    try:
+        if data.text_dim != config["text_dim"]:
+            raise DataError(
+                f"{split}: word vectors have dim {data.text_dim}, the model {run_name} expects {config['text_dim']}"
+            )
+        metrics = evaluate_split(
+            model,
+            data,
+            device=device,
+            batch_size=tp.batch_size,
+            num_workers=tp.num_workers,
+            precision=Precision.create(tp.precision, device),
+            where=run_name,
+        )
+    finally:
+        data.close()
+    out = {"epoch": int(checkpoint["epoch"]), **metrics}
+    write_json_atomic(evaluation_metrics_path(tp, run_name, split), out)
+    return out
