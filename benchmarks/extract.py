@@ -2,8 +2,8 @@
 
     python benchmarks/extract.py [--clips 40] [--seconds 7] [--experts logmel aisfx ...]
 
-Prints JSON. logmel and aisfx use their real settings (aisfx: the package's pretrained
-weights); panns_cnn10, panns_cnn14 and vggish have no public weights here, so they run
+Prints JSON. logmel, aisfx and yamnet use their real settings (aisfx and yamnet: the
+pretrained weights their packages ship); panns_cnn10, panns_cnn14 and vggish have no public weights here, so they run
 with random weights saved to a temp checkpoint (marked "random_weights": true): same
 architecture and cost. "real_time_factor" is wall clock; on a shared machine
 "real_time_factor_if_cores_were_free" (from CPU time) says what the cores themselves can do.
@@ -103,7 +103,7 @@ def bench(name: str, clips_n: int, seconds: float, batch: int, device: torch.dev
     if name in TARGETS:
         result["target"] = TARGETS[name]
         result["meets_target"] = rtf >= TARGETS[name]
-    if name == "aisfx":
+    if name in ("aisfx", "yamnet"):
         result["settings"] = expert.settings()
     return result
 
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument(
-        "--experts", nargs="+", default=["logmel", "aisfx", "panns_cnn10", "panns_cnn14", "vggish"]
+        "--experts", nargs="+", default=["logmel", "aisfx", "yamnet", "panns_cnn10", "panns_cnn14", "vggish"]
     )
     args = parser.parse_args()
     device = resolve_device(args.device)

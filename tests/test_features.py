@@ -50,7 +50,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 # ---------------------------------------------------------------- registry
 def test_registry_lists_all_experts() -> None:
-    assert set(EXPERTS) == {"logmel", "aisfx", "panns_cnn10", "panns_cnn14", "vggish"}
+    assert set(EXPERTS) == {"logmel", "aisfx", "yamnet", "panns_cnn10", "panns_cnn14", "vggish"}
 
 
 def test_unknown_expert_lists_valid_ones() -> None:

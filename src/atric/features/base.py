@@ -97,6 +97,7 @@ def _lazy(module: str, cls: str) -> ExpertFactory:
 EXPERTS: dict[str, ExpertFactory] = {
     "logmel": _lazy("logmel", "LogMel"),
     "aisfx": _lazy("aisfx", "AiSfx"),
+    "yamnet": _lazy("yamnet", "Yamnet"),
     "panns_cnn10": _lazy("panns", "PannsCnn10"),
     "panns_cnn14": _lazy("panns", "PannsCnn14"),
     "vggish": _lazy("vggish", "VGGish"),

@@ -125,16 +125,25 @@ class PannsCnn(nn.Module):
         # The official CNN14 does not pool after its 6th block; CNN10 pools after all 4.
         self.time_stride = 2 ** min(self.n_blocks, 5)
 
-    def frames(self, waveform: torch.Tensor) -> torch.Tensor:
-        """(batch, samples) -> (batch, T, C) frame-level embeddings."""
+    def feature_map(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) -> (batch, C, T): the last conv block's output averaged over frequency."""
         x = self.logmel_extractor(self.spectrogram_extractor(waveform))  # (b, 1, frames, 64)
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)
         for i in range(1, self.n_blocks + 1):
             pool = (2, 2) if i <= 5 else (1, 1)
             x = getattr(self, f"conv_block{i}")(x, pool)
-        x = x.mean(dim=3)  # over frequency: (b, C, T)
+        return x.mean(dim=3)
+
+    def frames(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) -> (batch, T, C) frame-level embeddings (what the expert stores)."""
+        x = self.feature_map(waveform)
         x = F.max_pool1d(x, 3, stride=1, padding=1) + F.avg_pool1d(x, 3, stride=1, padding=1)
         return x.transpose(1, 2)
+
+    def clip_embedding(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(batch, samples) -> (batch, C): the official models' clip ``embedding`` output."""
+        x = self.feature_map(waveform)
+        return F.relu(self.fc1(x.amax(dim=2) + x.mean(dim=2)))
 
 
 class _PannsExpert(AudioExpert):

@@ -69,12 +69,12 @@ def mel_matrix() -> np.ndarray:
     return weights.astype(np.float32)
 
 
-def log_mel(waveform: np.ndarray, mel: np.ndarray) -> np.ndarray:
-    """[frames, 64] log mel; frames = 1 + (samples - 400) // 160 (no centring)."""
+def log_mel(waveform: np.ndarray, mel: np.ndarray, offset: float = LOG_OFFSET) -> np.ndarray:
+    """[frames, 64] log(mel + offset); frames = 1 + (samples - 400) // 160 (no centring)."""
     frames = np.lib.stride_tricks.sliding_window_view(waveform, WINDOW)[::HOP]
     window = 0.5 - 0.5 * np.cos(2 * np.pi / WINDOW * np.arange(WINDOW))  # periodic Hann
     magnitude = np.abs(np.fft.rfft(frames * window, FFT)).astype(np.float32)
-    return np.log(magnitude @ mel + LOG_OFFSET)
+    return np.log(magnitude @ mel + offset)
 
 
 class VGGishNet(nn.Module):
@@ -129,7 +129,7 @@ class VGGish(AudioExpert):
         """[n, 96, 64] log-mel patches of one clip (n >= 1)."""
         spec = log_mel(pad_to_min_length(waveform, self.min_samples), self._mel)
         windows = np.lib.stride_tricks.sliding_window_view(spec, PATCH_FRAMES, axis=0)[:: self.patch_hop]
-        return np.ascontiguousarray(windows.transpose(0, 2, 1), dtype=np.float32)
+        return np.array(windows.transpose(0, 2, 1), dtype=np.float32, order="C")  # a writable copy
 
     def embed(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
         # Patches are independent, so all clips' patches share the forward passes; chunks
