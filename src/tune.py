@@ -9,7 +9,8 @@
     python src/tune.py --no-report ...   # a fleet worker: trials and best_params.yaml, no plots
 
 Writes tune/<study>/best_params.yaml, tune/<study>/report/*.png|html and prints the
-`dvc exp run -S ...` command of the best trial. Live view: optuna-dashboard sqlite:///tune/optuna.db
+`dvc exp run -S ...` command that reproduces the best trial from params.yaml.
+Live view: optuna-dashboard sqlite:///tune/optuna.db
 See atric.ops.tuning for many workers, heartbeats and retries.
 """
 
@@ -80,6 +81,7 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
+    from atric.config import load_params
     from atric.ops import tuning
 
     if args.create_only:
@@ -95,7 +97,8 @@ def main() -> int:
         print("no complete trial yet: no best_params.yaml or report")
         return 0
     plots = args.report_only or (not args.no_report and tuning.claim_report(params, study))
-    result = tuning.write_results(params, study, plots=plots)
+    # The dvc command starts from params.yaml as on disk: every --set of this run goes into it.
+    result = tuning.write_results(params, study, plots=plots, baseline=load_params(args.params))
     print(
         f"best trial {result.best_trial}: {tuning.OBJECTIVE} {result.best_value:.4f} -> {result.best_params}"
     )

@@ -1,40 +1,29 @@
 """Hyperparameter search with Optuna: one study, any number of workers, each trial a tracked run.
 
-The search space lives in ``params.yaml: tune.space`` (train.* names; validated by
-atric.config.TuneParams before anything touches the storage). Each trial is one training run
-of the same engine as ``src/train.py``, wrapped in an MLflow run nested under one parent run
-per study; it reports the validation ``t2a_geometric_mean`` after every epoch and is pruned
-when the pruner says so. Its checkpoints and metrics go to ``tune/<study>/{models,metrics}/``,
-so trials never overwrite the pipeline's runs.
+The space lives in ``params.yaml: tune.space`` (train.* names, validated by
+atric.config.TuneParams before the storage is touched). Each trial is one run of the engine of
+``src/train.py`` inside an MLflow run nested under one parent run per study; it reports the
+validation ``t2a_geometric_mean`` after every epoch and is pruned when the pruner says so (a
+diverged run, NaN loss, is pruned too: ``prune_reason``). Trials write under ``tune/<study>/``.
 
-One laptop::
+Workers run Optuna's own loop (``Study.optimize``) on an ``RDBStorage`` with heartbeats: a
+worker killed mid-trial (even SIGKILL) has its trial marked FAIL by another worker after
+``grace_period`` and a copy queued (``RetryHeartbeatStaleTrialCallback``); the copy resumes from
+the failed trial's ``last.pt`` when that file is reachable (same machine or a shared ``tune/``),
+and ends with the metrics an uninterrupted trial gets. SIGTERM/Ctrl-C fail the trial and queue it.
 
-    python src/tune.py --n-trials 20                 # SQLite: tune/optuna.db
-    optuna-dashboard sqlite:///tune/optuna.db        # live view (pip install optuna-dashboard)
+``--total-trials``: ``n_trials`` is the study's total. A worker counts the study's live trials
+and creates its next one under one storage-wide lock (a file lock beside SQLite, an advisory
+lock on PostgreSQL), so a fleet stops at exactly that total; workers with nothing left wait for
+the running trials of others (they may still fail and be queued). Create the schema and study
+once (``--create-only``) before starting many workers: concurrent first creation races.
 
-Many workers (processes or machines) against one PostgreSQL study::
+Every storage call survives a database outage: it is retried with backoff for up to
+``tune.storage_retry_seconds``, then the worker stops with one clear error.
 
-    python src/tune.py --storage postgresql+psycopg2://atric:PW@db/optuna --create-only
-    python src/tune.py --storage ...same... --n-trials 200 --total-trials   # on every worker
-
-``--create-only`` creates the schema and the study once: concurrent first creation races
-(on SQLite and PostgreSQL alike). A plain run creates them too when missing, under a lock
-(a file lock for SQLite, an advisory lock for PostgreSQL). ``ATRIC_OPTUNA_STORAGE`` sets the
-storage URL when ``--storage`` is not given (src/tune.py). With ``--total-trials`` the trial count is the
-study's total: a worker starts a trial only under the same lock after counting the study's
-live trials, so a fleet stops together at exactly that total. Workers send heartbeats; a
-worker killed mid-trial (even SIGKILL) has its trial marked FAIL by another worker once
-``grace_period`` passes, and a copy is queued and retried (``RetryHeartbeatStaleTrialCallback``).
-Workers with nothing left to start wait for the running trials of others for that reason.
-
-GPU: ``train.device: auto`` picks the visible GPU; start one worker per GPU with
-``CUDA_VISIBLE_DEVICES=<i>`` (nothing here overrides it).
-
-Results (written by every worker when it stops, or with ``--report-only``):
-``tune/<study>/best_params.yaml`` (``train: {lr: ..., ...}``, params.yaml key form), the
-``dvc exp run -S ...`` command that reproduces the best trial, and ``tune/<study>/report/``
-with Optuna's optimisation history, parameter importances and parallel coordinates as PNG
-(matplotlib) and HTML (plotly, when installed).
+Results (by every worker when it stops, or ``--report-only``): ``tune/<study>/best_params.yaml``
+(the best trial's sampled values) with the ``dvc exp run -S ...`` command that reproduces the
+best trial exactly, and ``tune/<study>/report/`` (history, importances, parallel coordinates).
 """
 
 from __future__ import annotations
@@ -44,12 +33,13 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import socket
 import threading
 import time
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,41 +49,41 @@ import yaml
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
 
-from atric.ops import tracking
 from atric.atomic import atomic_path, write_text_atomic
-from atric.config import (
-    CategoricalDistribution,
-    FloatDistribution,
-    IntDistribution,
-    Params,
-    TuneParams,
-)
+from atric.config import CategoricalDistribution, FloatDistribution, IntDistribution, Params, TuneParams, flatten
 from atric.engine import SELECTION_METRIC, RunPaths, run_name_for
 from atric.errors import AtricError, ConfigError
+from atric.ops import tracking
 
 log = logging.getLogger("atric.ops.tuning")
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # heartbeats, retries
 
 OBJECTIVE = f"val_{SELECTION_METRIC}"  # the engine's per-epoch row key; maximised
 LIVE_STATES = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
-# Study user attrs: what a joining worker checks and uses.
-ATTR_SPACE = "atric.space"
+ATTR_SPACE = "atric.space"  # study user attrs
+ATTR_BASE = "atric.base_params"
 ATTR_PARENT_RUN = "atric.mlflow_parent_run_id"
 ATTR_WORKERS = "atric.workers_started"
-# MLflow tags
-TAG_STUDY = "optuna.study_name"
-TAG_STATE = "optuna.state"
-TAG_TRIAL = "optuna.trial_number"
-TAG_ROLE = "atric.tune"
+TAG_STUDY, TAG_STATE, TAG_TRIAL, TAG_ROLE = "optuna.study_name", "optuna.state", "optuna.trial_number", "atric.tune"
 MLFLOW_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
 WAIT_POLL_SECONDS = 5.0
+# Params that may differ between the workers of one study (paths, hardware); the rest must match.
+LOCAL_KEYS = frozenset(
+    {"data.root", "train.device", "train.num_workers", "train.cache_in_ram", "train.models_dir",
+     "train.metrics_dir", "train.poolings"}
+)  # fmt: skip
+ALWAYS_IN_COMMAND = ("train.experts", "train.pooling", "train.epochs")
 
 
 class TuneError(AtricError):
-    """The study cannot be created, joined or reported."""
+    """The study cannot be created, joined, reached or reported."""
 
 
-# --------------------------------------------------------------------------- settings
+class _TrialFailed(Exception):
+    """A bad point (the reason is in the trial's ``fail_reason``): FAIL, and the worker goes on."""
+
+
+# --------------------------------------------------------------------------- storage
 
 
 def study_name_for(params: Params) -> str:
@@ -103,7 +93,7 @@ def study_name_for(params: Params) -> str:
 
 def storage_url(params: Params) -> str:
     """``tune.storage`` (src/tune.py fills it from ``--storage``, else ``ATRIC_OPTUNA_STORAGE``)."""
-    return params.tune.storage
+    return _normalise_url(params.tune.storage)
 
 
 def study_dir(params: Params) -> Path:
@@ -136,47 +126,116 @@ def _sqlite_path(url: str) -> Path | None:
     return Path(url.removeprefix("sqlite:///"))
 
 
-def open_storage(url: str, tune: TuneParams, *, create_tables: bool = True) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats and retry of stale trials.
+# Words of the driver errors that mean "the database is unreachable now", not "bad request".
+_OUTAGE_WORDS = ("connect", "closed", "terminat", "shutting down", "starting up", "recovery mode",
+                 "database is locked", "timeout", "timed out", "reset by peer", "broken pipe", "ssl")  # fmt: skip
 
-    ``create_tables=False`` skips schema creation: used once the schema surely exists, so
-    that only the locked creator runs the racy CREATE TABLE path.
+
+def is_outage(exc: BaseException) -> bool:
+    import sqlalchemy.exc as sa
+
+    seen: BaseException | None = exc
+    while seen is not None:  # Optuna wraps driver errors in StorageInternalError
+        if isinstance(seen, sa.DBAPIError) and seen.connection_invalidated:
+            return True
+        if isinstance(seen, (sa.OperationalError, sa.InterfaceError)):
+            return any(word in str(seen).lower() for word in _OUTAGE_WORDS)
+        seen = seen.__cause__
+    return False
+
+
+def retrying(call: Callable[[], Any], *, what: str, seconds: float) -> Any:
+    """``call()``, retried with backoff while the database is out, for up to ``seconds``."""
+    deadline, pause, warned = time.monotonic() + seconds, 0.25, False
+    while True:
+        try:
+            return call()
+        except Exception as exc:
+            if not is_outage(exc):
+                raise
+            reason = str(getattr(exc, "orig", None) or exc.__cause__ or exc).strip().splitlines()[0]
+            if time.monotonic() + pause > deadline:
+                raise TuneError(
+                    f"{what}: unreachable for {seconds:.0f} s ({reason}); check the database, "
+                    "or raise tune.storage_retry_seconds"
+                ) from exc
+            if not warned:
+                log.warning("%s: unreachable (%s); retrying for up to %.0f s", what, reason, seconds)
+                warned = True
+            time.sleep(pause)
+            pause = min(pause * 2, 4.0)
+
+
+_IN_CALL = threading.local()
+
+
+class ResilientStorage(optuna.storages.RDBStorage):
+    """An ``RDBStorage`` whose every call (Optuna's own included: ask, report, tell, heartbeats)
+    is one transaction retried through a database outage (see :func:`retrying`). Only the
+    outermost call of a thread retries, so nested calls do not multiply the bound."""
+
+    def __init__(self, url: str, *, retry_seconds: float, **kwargs: Any) -> None:
+        self.retry_what, self.retry_seconds = f"storage {redact(url)}", retry_seconds
+        super().__init__(url, **kwargs)
+
+    def __getattribute__(self, name: str) -> Any:
+        value = super().__getattribute__(name)
+        if name.startswith("__") or not callable(value) or not hasattr(value, "__self__"):
+            return value
+        if getattr(_IN_CALL, "active", False):
+            return value
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            _IN_CALL.active = True
+            try:
+                return retrying(
+                    lambda: value(*args, **kwargs), what=self.retry_what, seconds=self.retry_seconds
+                )
+            finally:
+                _IN_CALL.active = False
+
+        return call
+
+
+def open_storage(url: str, tune: TuneParams, *, create_tables: bool = True) -> ResilientStorage:
+    """The study's storage: heartbeats, retry of stale trials, outages survived.
+
+    ``create_tables=False`` skips schema creation (only the locked creator runs that racy path).
     """
     url = _normalise_url(url)
     path = _sqlite_path(url)
-    engine_kwargs: dict[str, Any]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Several workers write one file: wait for the lock instead of failing at once.
-        engine_kwargs = {"connect_args": {"timeout": 60}}
+        engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}  # several writers, one file
     elif url.startswith("sqlite"):
         engine_kwargs = {}
     else:
         # Connections idle through a long trial may have been dropped by the server or a proxy.
         engine_kwargs = {"pool_pre_ping": True, "pool_recycle": 1800}
     interval = tune.heartbeat_interval
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        try:
-            return optuna.storages.RDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=interval,
-                grace_period=(tune.grace_period or 2 * interval) if interval else None,
-                heartbeat_stale_trial_callback=_StaleTrialCallback(tune.max_retry) if interval else None,
-                skip_table_creation=not create_tables,
-            )
-        except ImportError as exc:
-            raise TuneError(f"storage {redact(url)}: driver missing: {exc}") from exc
-        except Exception as exc:  # SQLAlchemy OperationalError etc.: one clear line
-            raise TuneError(f"storage {redact(url)}: cannot open: {str(exc).splitlines()[0]}") from exc
+    retry = optuna.storages.RetryHeartbeatStaleTrialCallback(tune.max_retry, inherit_intermediate_values=True)
+    try:
+        return ResilientStorage(
+            url,
+            retry_seconds=tune.storage_retry_seconds,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=interval,
+            grace_period=(tune.grace_period or 2 * interval) if interval else None,
+            heartbeat_stale_trial_callback=_StaleTrialCallback(retry) if interval else None,
+            skip_table_creation=not create_tables,
+        )
+    except ImportError as exc:
+        raise TuneError(f"storage {redact(url)}: driver missing: {exc}") from exc
+    except TuneError:
+        raise
+    except Exception as exc:  # SQLAlchemy errors etc.: one clear line
+        raise TuneError(f"storage {redact(url)}: cannot open: {str(exc).splitlines()[0]}") from exc
 
 
 @contextlib.contextmanager
-def storage_lock(url: str, name: str) -> Iterator[None]:
-    """A lock shared by every worker of one storage: a file lock beside a SQLite file, a
-    PostgreSQL advisory lock (released by the server if the holder dies), none otherwise
-    (then ``--total-trials`` may overshoot by up to workers - 1)."""
+def storage_lock(url: str, name: str, retry_seconds: float = 0.0) -> Iterator[None]:
+    """One lock for every worker of a storage: a file lock beside a SQLite file, a PostgreSQL
+    advisory lock (the server releases it if the holder dies), none otherwise."""
     url = _normalise_url(url)
     path = _sqlite_path(url)
     if path is not None:
@@ -186,24 +245,30 @@ def storage_lock(url: str, name: str) -> Iterator[None]:
         with FileLock(str(path) + ".lock"):
             yield
         return
-    if url.startswith("postgresql"):
-        import sqlalchemy
-
-        key = zlib.crc32(f"atric.tune:{name}".encode())
-        try:
-            conn_cm = _lock_engine(url).connect()
-        except sqlalchemy.exc.SQLAlchemyError as exc:
-            reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-            raise TuneError(f"storage {redact(url)}: cannot connect: {reason}") from exc
-        with conn_cm as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+    if not url.startswith("postgresql"):
+        yield
         return
-    yield
+    import sqlalchemy
+
+    key = zlib.crc32(f"atric.tune:{name}".encode())
+
+    def connect() -> Any:
+        conn = _lock_engine(url).connect()
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        return conn
+
+    try:
+        conn = retrying(connect, what=f"storage {redact(url)}", seconds=retry_seconds)
+    except sqlalchemy.exc.SQLAlchemyError as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise TuneError(f"storage {redact(url)}: cannot connect: {reason}") from exc
+    try:
+        yield
+    finally:
+        with contextlib.suppress(sqlalchemy.exc.SQLAlchemyError):  # a restart already released it
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
+        conn.close()
 
 
 _LOCK_ENGINES: dict[str, Any] = {}
@@ -217,17 +282,26 @@ def _lock_engine(url: str) -> Any:
     return _LOCK_ENGINES[url]
 
 
+# --------------------------------------------------------------------------- the study
+
+
 def _space_doc(tune: TuneParams) -> dict[str, Any]:
     return {key: dim.model_dump(exclude_none=True) for key, dim in sorted(tune.space.items())}
 
 
+def base_params(params: Params) -> dict[str, Any]:
+    """What every trial of the study shares: the flattened data/features/text/train params."""
+    data = params.model_dump()
+    flat = flatten({s: data[s] for s in ("data", "features", "text", "train")})
+    return {k: v for k, v in sorted(flat.items()) if k not in LOCAL_KEYS}
+
+
 def build_sampler(tune: TuneParams, worker: int = 0) -> optuna.samplers.BaseSampler:
-    """Seeded from ``tune.seed`` plus the worker's number in the study: workers sharing a seed
-    would draw the same random start-up points."""
-    seed = tune.seed + worker
+    """Seeded from ``tune.seed`` plus the worker's number: workers sharing a seed would draw the
+    same random start-up points."""
     if tune.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(seed=seed)
+        return optuna.samplers.RandomSampler(seed=tune.seed + worker)
+    return optuna.samplers.TPESampler(seed=tune.seed + worker)
 
 
 def build_pruner(tune: TuneParams, epochs: int) -> optuna.pruners.BasePruner:
@@ -236,31 +310,23 @@ def build_pruner(tune: TuneParams, epochs: int) -> optuna.pruners.BasePruner:
     if tune.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=max(1, tune.warmup_epochs), max_resource=epochs)
     # Optuna prunes at step >= n_warmup_steps; steps are 1-based epochs.
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs + 1
-    )
-
-
-# --------------------------------------------------------------------------- the study
+    return optuna.pruners.MedianPruner(n_startup_trials=tune.startup_trials, n_warmup_steps=tune.warmup_epochs + 1)
 
 
 def create_study(params: Params, *, worker: int = 0) -> optuna.Study:
-    """Create (or load) the study, with load_if_exists semantics, race-free.
-
-    Schema and study creation (and the MLflow experiment's) run under :func:`storage_lock`;
-    DuplicatedStudyError (another tool created it meanwhile) is caught and the study loaded.
-    A study created with another ``tune.space`` is refused: its trials would not be comparable.
-    """
+    """Create or load the study, race-free (schema, study and MLflow experiment under
+    :func:`storage_lock`). A study of another ``tune.space`` or other base params is refused:
+    its trials would not be comparable."""
     tune, name, url = params.tune, study_name_for(params), storage_url(params)
-    sampler = build_sampler(tune, worker)
-    pruner = build_pruner(tune, params.train.epochs)
-    with storage_lock(url, "schema"):
+    sampler, pruner = build_sampler(tune, worker), build_pruner(tune, params.train.epochs)
+    with storage_lock(url, "schema", tune.storage_retry_seconds):
         storage = open_storage(url, tune)
         try:
             study = optuna.create_study(
                 storage=storage, study_name=name, direction="maximize", sampler=sampler, pruner=pruner
             )
             study.set_user_attr(ATTR_SPACE, _space_doc(tune))
+            study.set_user_attr(ATTR_BASE, base_params(params))
             log.info("study %s created in %s", name, redact(url))
         except optuna.exceptions.DuplicatedStudyError:
             study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
@@ -273,38 +339,41 @@ def create_study(params: Params, *, worker: int = 0) -> optuna.Study:
             f"study {name!r} in {redact(url)} was created with another tune.space "
             f"({json.dumps(saved)}); use another --study-name or restore that space"
         )
+    base, mine = study.user_attrs.get(ATTR_BASE, {}), base_params(params)
+    differing = sorted(k for k in base.keys() | mine.keys() if base.get(k) != mine.get(k))
+    if base and differing:
+        raise ConfigError(
+            f"study {name!r} in {redact(url)} was created with other params: "
+            + ", ".join(f"{k}={base.get(k)!r} (here {mine.get(k)!r})" for k in differing)
+            + "; use another --study-name or the same params"
+        )
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(f"study {name!r}: direction must be maximize (it holds {SELECTION_METRIC})")
     return study
 
 
-def _join_study(params: Params) -> tuple[optuna.Study, int]:
-    """Create or load the study and take this worker's number (seeds the sampler)."""
-    study = create_study(params)
+def load_study(params: Params) -> optuna.Study:
     url = storage_url(params)
-    with storage_lock(url, study.study_name):
-        worker = int(study.user_attrs.get(ATTR_WORKERS, 0))
-        study.set_user_attr(ATTR_WORKERS, worker + 1)
-    if worker:
-        study.sampler = build_sampler(params.tune, worker)
-    return study, worker
+    storage = open_storage(url, params.tune, create_tables=False)
+    try:
+        return optuna.load_study(study_name=study_name_for(params), storage=storage)
+    except KeyError as exc:
+        raise TuneError(f"no study {study_name_for(params)!r} in {redact(url)}") from exc
 
 
 # --------------------------------------------------------------------------- MLflow
 
 
 def _parent_run_id(params: Params, study: optuna.Study) -> str:
-    """The study's MLflow parent run: recorded in the study, else found by tag, else created.
-
-    Runs under the study's lock so that two workers joining at once make one parent run.
-    """
+    """The study's MLflow parent run: recorded in the study, else found by tag, else created
+    (under the study's lock: two workers joining at once make one parent run)."""
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
     tracking.configure()
     client = MlflowClient()
     exp_id = tracking.experiment_id(params.data.dataset)
-    with storage_lock(storage_url(params), study.study_name):
+    with storage_lock(storage_url(params), study.study_name, params.tune.storage_retry_seconds):
         recorded = study.user_attrs.get(ATTR_PARENT_RUN)
         if recorded:
             with contextlib.suppress(MlflowException):
@@ -318,25 +387,12 @@ def _parent_run_id(params: Params, study: optuna.Study) -> str:
         if found:
             run_id = found[0].info.run_id
         else:
-            run = client.create_run(
-                exp_id,
-                run_name=f"tune-{study.study_name}",
-                tags={
-                    TAG_STUDY: study.study_name,
-                    TAG_ROLE: "study",
-                    "optuna.storage": redact(storage_url(params)),
-                    "git_commit": tracking.git_commit(),
-                },
-            )
-            run_id = run.info.run_id
+            tags = {TAG_STUDY: study.study_name, TAG_ROLE: "study", "git_commit": tracking.git_commit(),
+                    "optuna.storage": redact(storage_url(params))}  # fmt: skip
+            run_id = client.create_run(exp_id, run_name=f"tune-{study.study_name}", tags=tags).info.run_id
             tune = params.tune
-            for key, value in {
-                "tune.sampler": tune.sampler,
-                "tune.pruner": tune.pruner,
-                "tune.seed": tune.seed,
-                "tune.space": json.dumps(_space_doc(tune)),
-                "train.epochs": params.train.epochs,
-            }.items():
+            for key, value in {"tune.sampler": tune.sampler, "tune.pruner": tune.pruner, "tune.seed": tune.seed,
+                               "tune.space": json.dumps(_space_doc(tune)), "train.epochs": params.train.epochs}.items():  # fmt: skip
                 client.log_param(run_id, key, str(value)[:6000])
         study.set_user_attr(ATTR_PARENT_RUN, run_id)
         return run_id
@@ -350,10 +406,10 @@ def _mark_mlflow_run(run_id: str | None, state: str, status: str | None = None) 
     from mlflow.exceptions import MlflowException
 
     try:
+        tracking.configure()
         client = MlflowClient()
         client.set_tag(run_id, TAG_STATE, state)
-        # tracked_run already ended it FINISHED (complete) or FAILED (any exception): only a
-        # pruned or interrupted trial needs another status (one request less per trial).
+        # tracked_run already ended it FINISHED (complete) or FAILED (any exception).
         if status or state == "PRUNED":
             client.set_terminated(run_id, status=status or MLFLOW_STATUS[state])
     except MlflowException as exc:  # tracking trouble must not lose the Optuna result
@@ -361,27 +417,24 @@ def _mark_mlflow_run(run_id: str | None, state: str, status: str | None = None) 
 
 
 class _StaleTrialCallback:
-    """Retry a trial whose worker stopped sending heartbeats, and mark its MLflow run FAILED."""
+    """Queue a copy of a trial whose worker stopped sending heartbeats; mark its MLflow run FAILED."""
 
-    def __init__(self, max_retry: int) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+    def __init__(self, retry: optuna.storages.RetryHeartbeatStaleTrialCallback) -> None:
+        self.retry = retry
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         log.warning("trial %d: its worker stopped sending heartbeats; marked FAIL, retrying", trial.number)
         self.retry(study, trial)
-        # Its worker died: the MLflow run was left RUNNING.
         _mark_mlflow_run(trial.user_attrs.get("mlflow_run_id"), "FAIL", status="FAILED")
 
 
 # --------------------------------------------------------------------------- one trial
 
 
-def suggest(trial: optuna.Trial, params: TuneParams) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, tune: TuneParams) -> dict[str, Any]:
     """The trial's values for every dimension of ``tune.space`` (train.* names)."""
     values: dict[str, Any] = {}
-    for key, dim in params.space.items():
+    for key, dim in tune.space.items():
         if isinstance(dim, FloatDistribution):
             values[key] = trial.suggest_float(key, dim.low, dim.high, log=dim.log, step=dim.step)
         elif isinstance(dim, IntDistribution):
@@ -399,121 +452,66 @@ def trial_params(params: Params, values: Mapping[str, Any]) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(
-            f"trial values {dict(values)} are not valid params: {exc.errors()[0]['msg']}"
-        ) from exc
+        raise ConfigError(f"trial values {dict(values)} are not valid params: {exc.errors()[0]['msg']}") from exc
+
+
+def trial_run_name(params: Params, number: int) -> str:
+    return f"{run_name_for(params.train)}-trial{number}"
 
 
 class _Reporter:
     """Engine callback: report each epoch's objective; prune when the pruner says so."""
 
     def __init__(self, trial: optuna.Trial, study_name: str) -> None:
-        self.trial = trial
-        self.study_name = study_name
-        self.run_id: str | None = None
+        self.trial, self.study_name, self.run_id = trial, study_name, None
 
     def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> None:
         import mlflow
 
         if self.run_id is None and mlflow.active_run() is not None:
-            # Recorded in the study so a worker that retries this trial can mark its run.
+            # In the study, so that a worker retrying this trial can mark its run.
             self.run_id = mlflow.active_run().info.run_id
             self.trial.set_user_attr("mlflow_run_id", self.run_id)
-            mlflow.set_tags(
-                {TAG_STUDY: self.study_name, TAG_TRIAL: str(self.trial.number), TAG_ROLE: "trial"}
-            )
+            mlflow.set_tags({TAG_STUDY: self.study_name, TAG_TRIAL: str(self.trial.number), TAG_ROLE: "trial"})
         self.trial.report(float(row[OBJECTIVE]), epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch}: {OBJECTIVE} {row[OBJECTIVE]:.3f}")
 
-
-class _Heartbeat:
-    """Record the trial's heartbeat every interval in a daemon thread (dies with the process)."""
-
-    def __init__(self, storage: optuna.storages.RDBStorage, trial_id: int) -> None:
-        self.storage, self.trial_id = storage, trial_id
-        self.interval = storage.get_heartbeat_interval()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True, name=f"heartbeat-{trial_id}")
-
-    def _beat(self) -> None:
-        while not self.stop.wait(self.interval):
-            try:
-                self.storage.record_heartbeat(self.trial_id)
-            except Exception as exc:  # a storage hiccup: the next beat may get through
-                log.warning("heartbeat of trial %d failed: %s", self.trial_id, exc)
-
-    def __enter__(self) -> _Heartbeat:
-        if self.interval:
-            self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join()
+    def on_train_end(self, result: Any) -> None:
+        # A resumed trial inherits the failed one's reports; an epoch trained but not reported
+        # before the kill is in the checkpoint's history: report it too.
+        reported = {step for step in _frozen(self.trial).intermediate_values}
+        for row in result.history:
+            if int(row["epoch"]) not in reported:
+                self.trial.report(float(row[OBJECTIVE]), int(row["epoch"]))
 
 
-def _run_trial(params: Params, study: optuna.Study, trial: optuna.Trial) -> tuple[TrialState, float | None]:
-    """Train one trial and tell the study; returns the state and value.
-
-    Pruned -> PRUNED; an AtricError (e.g. a diverged run's NaN loss: a bad point, not a broken
-    worker) -> FAIL and the worker goes on; Ctrl-C/SIGTERM -> FAIL plus a queued retry, then
-    the interrupt propagates; any other exception -> FAIL and propagates.
-    """
-    from atric.ops.experiment import train_tracked
-
-    run_name = f"{run_name_for(params.train)}-trial{trial.number}"
-    trial.set_user_attr("run_name", run_name)
-    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-    reporter = _Reporter(trial, study.study_name)
-    state, value, interrupted = TrialState.FAIL, None, False
-    last_checkpoint: Path | None = None
-    started = time.perf_counter()
-    try:
-        run_params = trial_params(params, suggest(trial, params.tune))
-        last_checkpoint = RunPaths.of(run_params.train, run_name).last
-        result = train_tracked(
-            run_params,
-            run_name=run_name,
-            policy="restart",
-            stage="tune",
-            callbacks=[reporter],
-            nested=True,
-            log_model=False,
-        )
-        state, value = TrialState.COMPLETE, float(result.best_score)
-    except optuna.TrialPruned as exc:
-        state = TrialState.PRUNED
-        log.info("trial %d pruned at %s", trial.number, exc)
-    except AtricError as exc:
-        trial.set_user_attr("fail_reason", str(exc)[:2000])
-        log.warning("trial %d failed: %s", trial.number, exc)
-    except KeyboardInterrupt:
-        interrupted = True
-        trial.set_user_attr("fail_reason", "interrupted")
-        raise
-    finally:
-        # Whatever happened, the trial leaves RUNNING (else the fleet would wait for it).
-        trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-        study.tell(trial, value, state=state)
-        if interrupted and params.tune.max_retry:
-            # A preempted worker (docker stop, Ctrl-C) hands its point back to the fleet.
-            _retry(study, trial.number, params.tune.max_retry)
-        with contextlib.suppress(Exception):
-            tracking.configure()
-            _mark_mlflow_run(reporter.run_id, state.name, status="KILLED" if interrupted else None)
-        if last_checkpoint is not None:
-            # Trials are never resumed (policy restart): last.pt is dead weight; best.pt is kept.
-            last_checkpoint.unlink(missing_ok=True)
-    return state, value
+def _frozen(trial: optuna.Trial) -> FrozenTrial:
+    return next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
 
 
-def _retry(study: optuna.Study, number: int, max_retry: int) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        frozen = study.get_trials(deepcopy=True)[number]
-        optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, frozen)
+def _resume_from_failed(params: Params, trial: optuna.Trial, run_params: Params) -> int | None:
+    """A retried trial continues its failed attempt: copy the newest ``last.pt`` of its retry
+    history into this trial's run folder (the engine then resumes it exactly). Returns the
+    number of the trial resumed, None when none left a reachable checkpoint."""
+    history = optuna.storages.RetryHeartbeatStaleTrialCallback.retry_history(_frozen(trial))
+    target = RunPaths.of(run_params.train, trial_run_name(params, trial.number)).last
+    for number in reversed(history):
+        source = RunPaths.of(run_params.train, trial_run_name(params, number)).last
+        if source.exists():
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+            log.info("trial %d resumes trial %d from %s", trial.number, number, source)
+            return number
+    if history:
+        log.info("trial %d: no checkpoint of trials %s here: starting over", trial.number, history)
+    return None
+
+
+def _diverged(exc: AtricError) -> bool:
+    """The engine's NaN/inf errors (loss or similarities): a bad point, pruned, not failed."""
+    text = str(exc)
+    return "NaN" in text or "loss is nan" in text or "loss is inf" in text or "loss is -inf" in text
 
 
 # --------------------------------------------------------------------------- workers
@@ -527,29 +525,105 @@ class WorkerSummary:
     seconds: float = 0.0
 
 
-def _next_trial(study: optuna.Study, params: Params, url: str) -> optuna.Trial | None:
-    """Fail stale trials, then ask for a trial unless the study total is reached, all under
-    the study lock: the count and the new trial are one step for the whole fleet."""
-    storage = study._storage  # the RDBStorage built by open_storage
-    study_id = storage.get_study_id_from_name(study.study_name)
-    with storage_lock(url, study.study_name):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        if params.tune.total_trials:
-            waiting = storage.get_n_trials(study_id, TrialState.WAITING)
-            live = storage.get_n_trials(study_id, LIVE_STATES)
-            if not waiting and live >= params.tune.n_trials:
-                return None
-        with warnings.catch_warnings():
-            # Optuna warns that heartbeats are meant for Study.optimize; this loop beats itself (_Heartbeat).
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")
-            trial = study.ask()
-        # First heartbeat inside the lock: a worker killed right after ask still leaves a
-        # trial that can go stale (a trial without any heartbeat is never failed).
-        if storage.get_heartbeat_interval():
-            storage.record_heartbeat(trial._trial_id)
-        return trial
+class _Worker:
+    """One worker's ``Study.optimize``: the objective, the budget gate and the failure count."""
+
+    def __init__(self, params: Params, study: optuna.Study, summary: WorkerSummary) -> None:
+        self.params, self.study, self.summary = params, study, summary
+        self.tune = params.tune
+        self.lock: contextlib.ExitStack | None = None
+        self.failures, self.current, self.exhausted = 0, None, False
+
+    # The exact total: counting live trials and creating the next one form one step for the whole
+    # fleet. The lock is taken before optimize asks for a trial (first, then in the callback after
+    # each trial) and released by the objective, once the new trial exists.
+    def open_gate(self) -> bool:
+        self.lock = contextlib.ExitStack()
+        self.lock.enter_context(
+            storage_lock(storage_url(self.params), self.study.study_name, self.tune.storage_retry_seconds)
+        )
+        optuna.storages.fail_stale_trials(self.study)  # a dead worker's trial is queued, not counted
+        trials = self.study.get_trials(deepcopy=False, states=LIVE_STATES)
+        if any(t.state == TrialState.WAITING for t in trials) or len(trials) < self.tune.n_trials:
+            return True
+        self.close_gate()
+        self.exhausted = True
+        return False
+
+    def close_gate(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    def after_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.summary.trials[trial.state.name] = self.summary.trials.get(trial.state.name, 0) + 1
+        self.failures = self.failures + 1 if trial.state == TrialState.FAIL else 0
+        if self.failures >= self.tune.max_failures:
+            raise TuneError(
+                f"{self.failures} trials in a row failed (see the log above and the trials' "
+                "fail_reason); stopping this worker"
+            )
+        if self.tune.total_trials and not self.open_gate():
+            study.stop()
+
+    def objective(self, trial: optuna.Trial) -> float:
+        from atric.ops.experiment import train_tracked
+
+        self.close_gate()
+        self.current = trial.number
+        run_name = trial_run_name(self.params, trial.number)
+        trial.set_user_attr("run_name", run_name)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        reporter = _Reporter(trial, self.study.study_name)
+        state, status, started = "FAIL", None, time.perf_counter()
+        try:
+            run_params = trial_params(self.params, suggest(trial, self.tune))
+            resumed = _resume_from_failed(self.params, trial, run_params)
+            if resumed is not None:
+                trial.set_user_attr("resumed_trial", resumed)
+            result = train_tracked(run_params, run_name=run_name, policy="auto", stage="tune",
+                                   callbacks=[reporter], nested=True, log_model=False)  # fmt: skip
+            state = "COMPLETE"
+            RunPaths.of(run_params.train, run_name).last.unlink(missing_ok=True)  # best.pt is kept
+            return float(result.best_score)
+        except optuna.TrialPruned:
+            state = "PRUNED"
+            raise
+        except TuneError:
+            raise  # the storage is out: this worker stops
+        except AtricError as exc:
+            if _diverged(exc):
+                state = "PRUNED"
+                trial.set_user_attr("prune_reason", str(exc)[:2000])
+                raise optuna.TrialPruned(f"diverged: {exc}") from exc
+            trial.set_user_attr("fail_reason", str(exc)[:2000])
+            raise _TrialFailed(str(exc)) from exc
+        except KeyboardInterrupt:
+            status = "KILLED"
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        finally:
+            trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
+            _mark_mlflow_run(reporter.run_id, state, status)
+
+    def requeue_interrupted(self) -> None:
+        """A preempted worker (docker stop, Ctrl-C) hands its trial back to the fleet."""
+        frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == self.current), None)
+        if frozen is not None and frozen.state == TrialState.FAIL and self.tune.max_retry:
+            optuna.storages.RetryHeartbeatStaleTrialCallback(
+                self.tune.max_retry, inherit_intermediate_values=True
+            )(self.study, frozen)
+
+
+def _join_study(params: Params) -> tuple[optuna.Study, int]:
+    """Create or load the study and take this worker's number (seeds the sampler)."""
+    study = create_study(params)
+    with storage_lock(storage_url(params), study.study_name, params.tune.storage_retry_seconds):
+        worker = int(study.user_attrs.get(ATTR_WORKERS, 0))
+        study.set_user_attr(ATTR_WORKERS, worker + 1)
+    if worker:
+        study.sampler = build_sampler(params.tune, worker)
+    return study, worker
 
 
 def run_worker(params: Params) -> WorkerSummary:
@@ -557,17 +631,13 @@ def run_worker(params: Params) -> WorkerSummary:
     import mlflow
 
     tune = params.tune
-    study, worker = _join_study(params)
-    url = storage_url(params)
-    storage = study._storage  # the RDBStorage of open_storage: heartbeats and counts
-    summary = WorkerSummary(study.study_name, worker)
+    study, number = _join_study(params)
+    summary = WorkerSummary(study.study_name, number)
+    worker = _Worker(params, study, summary)
     parent = _parent_run_id(params, study)
-    deadline = time.monotonic() + tune.timeout if tune.timeout else None
-    started, failures = time.monotonic(), 0
-    log.info(
-        "worker %d on study %s (%s): %s", worker, study.study_name, redact(url),
-        f"{tune.n_trials} trials in total" if tune.total_trials else f"{tune.n_trials} trials",
-    )  # fmt: skip
+    started = time.monotonic()
+    log.info("worker %d on study %s (%s): %d trials%s", number, study.study_name, redact(storage_url(params)),
+             tune.n_trials, " in total" if tune.total_trials else "")  # fmt: skip
     mlflow.start_run(run_id=parent)
     status = "FAILED"
     try:
@@ -575,26 +645,35 @@ def run_worker(params: Params) -> WorkerSummary:
             if threading.current_thread() is threading.main_thread():
                 # SIGTERM (docker stop, schedulers) ends a worker as Ctrl-C does: FAIL + retry queued.
                 stack.enter_context(tracking._terminate_as_interrupt())
-            while deadline is None or time.monotonic() < deadline:
-                if not tune.total_trials and sum(summary.trials.values()) >= tune.n_trials:
+            stack.callback(worker.close_gate)
+            while True:
+                left = tune.timeout - (time.monotonic() - started) if tune.timeout else None
+                if left is not None and left <= 0:
                     break
-                trial = _next_trial(study, params, url)
-                if trial is None:
+                if tune.total_trials and not worker.open_gate():
                     # Total reached, but a running trial may still fail (its worker dies) and be
-                    # queued again: wait while others run, if heartbeats can tell us.
-                    if storage.get_heartbeat_interval() and _others_running(study):
-                        time.sleep(min(WAIT_POLL_SECONDS, float(storage.get_heartbeat_interval())))
+                    # queued again: wait while others run, if heartbeats can tell.
+                    if tune.heartbeat_interval and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                        time.sleep(min(WAIT_POLL_SECONDS, float(tune.heartbeat_interval)))
                         continue
                     break
-                with _Heartbeat(storage, trial._trial_id):
-                    state, _ = _run_trial(params, study, trial)
-                summary.trials[state.name] = summary.trials.get(state.name, 0) + 1
-                failures = failures + 1 if state == TrialState.FAIL else 0
-                if failures >= tune.max_failures:
-                    raise TuneError(
-                        f"{failures} trials in a row failed (see the log above and the trials' "
-                        "fail_reason); stopping this worker"
+                worker.exhausted = False
+                try:
+                    study.optimize(
+                        worker.objective,
+                        n_trials=None if tune.total_trials else tune.n_trials,
+                        timeout=left,
+                        catch=(_TrialFailed,),
+                        callbacks=[worker.after_trial],
+                        gc_after_trial=False,
                     )
+                except KeyboardInterrupt:
+                    worker.requeue_interrupted()
+                    raise
+                finally:
+                    worker.close_gate()
+                if not worker.exhausted:
+                    break  # per-worker budget or timeout spent
         status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"
@@ -607,22 +686,13 @@ def run_worker(params: Params) -> WorkerSummary:
     return summary
 
 
-def _others_running(study: optuna.Study) -> bool:
-    storage = study._storage
-    study_id = storage.get_study_id_from_name(study.study_name)
-    return storage.get_n_trials(study_id, (TrialState.RUNNING, TrialState.WAITING)) > 0
-
-
 def _log_study_summary(study: optuna.Study) -> None:
     import mlflow
 
     trials = study.get_trials(deepcopy=False)
-    counts = {
-        s: sum(t.state == s for t in trials)
-        for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    }
-    metrics = {f"trials_{s.name.lower()}": float(n) for s, n in counts.items()}
-    if counts[TrialState.COMPLETE]:
+    metrics = {f"trials_{s.name.lower()}": float(sum(t.state == s for t in trials))
+               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}  # fmt: skip
+    if metrics["trials_complete"]:
         metrics[f"best_{OBJECTIVE}"] = float(study.best_value)
     mlflow.log_metrics(metrics, step=len(trials))
 
@@ -630,31 +700,30 @@ def _log_study_summary(study: optuna.Study) -> None:
 # --------------------------------------------------------------------------- results
 
 
-def load_study(params: Params) -> optuna.Study:
-    url = storage_url(params)
-    storage = open_storage(url, params.tune, create_tables=False)
-    try:
-        return optuna.load_study(study_name=study_name_for(params), storage=storage)
-    except KeyError as exc:
-        raise TuneError(f"no study {study_name_for(params)!r} in {redact(url)}") from exc
-
-
 def has_complete_trial(study: optuna.Study) -> bool:
-    return any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
 
 
 def best_params(study: optuna.Study) -> dict[str, dict[str, Any]]:
-    """The best trial's values in params.yaml key form: ``{"train": {"lr": ...}}``."""
+    """The best trial's sampled values in params.yaml key form: ``{"train": {"lr": ...}}``."""
     return {"train": dict(study.best_trial.params)}
 
 
-def dvc_command(best: Mapping[str, Mapping[str, Any]]) -> str:
-    """``dvc exp run -S train.lr=... -S ...``: the best trial as a DVC experiment."""
+def _yaml_value(value: Any) -> str:
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def dvc_command(study: optuna.Study, baseline: Params | None = None) -> str:
+    """``dvc exp run -S ...`` that trains exactly the best trial from ``baseline`` (params.yaml as
+    on disk): its sampled values, the study's expert/pooling/epochs, and every other param in
+    which the study's base differs from the baseline (``--set`` flags of the workers)."""
+    wanted = {**study.user_attrs.get(ATTR_BASE, {}), **{f"train.{k}": v for k, v in study.best_trial.params.items()}}
+    current = base_params(baseline) if baseline is not None else {}
+    keys = {f"train.{k}" for k in study.best_trial.params} | {k for k in ALWAYS_IN_COMMAND if k in wanted}
+    keys |= {k for k, v in wanted.items() if k in current and current[k] != v}
     parts = ["dvc", "exp", "run"]
-    for section, values in best.items():
-        for key, value in sorted(values.items()):
-            text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
-            parts += ["-S", f"{section}.{key}={text}"]
+    for key in sorted(keys):
+        parts += ["-S", f"{key}={_yaml_value(wanted[key])}"]
     return shlex.join(parts)
 
 
@@ -668,30 +737,30 @@ class StudyResult:
 
 
 def claim_report(params: Params, study: optuna.Study) -> bool:
-    """Whether this worker should draw the plots: False when a worker on this machine and
-    folder already drew them for the same finished trials (workers of a fleet stop together;
-    one set of plots per folder is enough; ``--report-only`` redraws them anyway)."""
+    """Whether this worker should draw the plots: not when a worker on this machine and folder
+    drew them for the same finished trials (``--report-only`` redraws them anyway)."""
     key = f"atric.reported:{socket.gethostname()}:{study_dir(params).resolve()}"
-    with storage_lock(storage_url(params), study.study_name):
-        finished = len(study.get_trials(deepcopy=False, states=(*DONE_STATES, TrialState.FAIL)))
+    with storage_lock(storage_url(params), study.study_name, params.tune.storage_retry_seconds):
+        finished = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
         if study.user_attrs.get(key) == finished:
             return False
         study.set_user_attr(key, finished)
         return True
 
 
-def write_results(params: Params, study: optuna.Study | None = None, *, plots: bool = True) -> StudyResult:
-    """best_params.yaml, the dvc command and (``plots``) the report, under ``tune/<study>/``."""
+def write_results(
+    params: Params, study: optuna.Study | None = None, *, plots: bool = True, baseline: Params | None = None
+) -> StudyResult:
+    """best_params.yaml, the dvc command (from ``baseline``, params.yaml as on disk) and the
+    report, under ``tune/<study>/``."""
     study = study or load_study(params)
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+    if not has_complete_trial(study):
         raise TuneError(f"study {study.study_name!r}: no complete trial yet: nothing to report")
-    best = best_params(study)
-    command = dvc_command(best)
+    best, command, trial = best_params(study), dvc_command(study, baseline), study.best_trial
     out = study_dir(params)
-    trial = study.best_trial
     header = (
         f"# Best trial {trial.number} of study {study.study_name}: {OBJECTIVE} = {trial.value:.4f}\n"
-        f"# Merge into params.yaml, or run it as a DVC experiment:\n#   {command}\n"
+        f"# Merge into params.yaml, or reproduce it exactly as a DVC experiment:\n#   {command}\n"
     )
     path = out / "best_params.yaml"
     write_text_atomic(path, header + yaml.safe_dump(best, sort_keys=True))
@@ -700,57 +769,37 @@ def write_results(params: Params, study: optuna.Study | None = None, *, plots: b
 
 
 def write_report(study: optuna.Study, directory: Path) -> list[Path]:
-    """Optimisation history, parameter importances (>= 2 complete trials) and parallel
-    coordinates: PNG via matplotlib, HTML via plotly when installed."""
+    """Optimisation history, parameter importances (>= 2 distinct complete trials) and parallel
+    coordinates: PNG via matplotlib, HTML via plotly (one plotly.min.js beside them, offline)."""
     import matplotlib
 
     matplotlib.use("Agg")  # workers have no display
     import matplotlib.pyplot as plt
+    from optuna import visualization
     from optuna.visualization import matplotlib as mpl_vis
 
     directory.mkdir(parents=True, exist_ok=True)
-    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     plots = ["optimization_history", "parallel_coordinate"]
-    distinct = {json.dumps(t.params, sort_keys=True) for t in complete}
-    if len(complete) >= 2 and len(distinct) >= 2 and study.best_trial.params:
+    if len({json.dumps(t.params, sort_keys=True) for t in complete}) >= 2 and study.best_trial.params:
         plots.insert(1, "param_importances")
-    else:
-        log.info("parameter importances skipped: fewer than 2 distinct complete trials")
     written: list[Path] = []
     with warnings.catch_warnings():
-        # Experimental APIs, and notes on degenerate studies (equal importances, flat axes).
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", UserWarning)  # notes on degenerate studies (flat axes)
         for name in plots:
             try:
                 ax = getattr(mpl_vis, f"plot_{name}")(study)
                 figure = (ax.flat[0] if hasattr(ax, "flat") else ax).get_figure()
                 figure.set_size_inches(9, 5)
                 figure.tight_layout()
-                png = directory / f"{name}.png"
-                with atomic_path(png) as tmp:
+                with atomic_path(directory / f"{name}.png") as tmp:
                     figure.savefig(tmp, dpi=110, format="png")
                 plt.close(figure)
-                written.append(png)
-            except (ValueError, RuntimeError) as exc:  # e.g. importances on a constant objective
+                html = directory / f"{name}.html"
+                with atomic_path(html) as tmp:
+                    getattr(visualization, f"plot_{name}")(study).write_html(str(tmp), include_plotlyjs="directory")
+            except (ValueError, RuntimeError) as exc:  # e.g. importances of a constant objective
                 log.warning("plot %s skipped: %s", name, exc)
                 continue
-            html = _plotly_html(study, name, directory)
-            if html is not None:
-                written.append(html)
+            written += [directory / f"{name}.png", html]
     return written
-
-
-def _plotly_html(study: optuna.Study, name: str, directory: Path) -> Path | None:
-    try:
-        import plotly  # noqa: F401
-    except ImportError:
-        return None
-    from optuna import visualization
-
-    figure = getattr(visualization, f"plot_{name}")(study)
-    path = directory / f"{name}.html"
-    # "directory": one plotly.min.js beside the pages, so they open offline.
-    with atomic_path(path) as tmp:
-        figure.write_html(str(tmp), include_plotlyjs="directory")
-    return path
