@@ -6,7 +6,7 @@ data/<Dataset>/Index/<split>.csv    AudioCaps style: youtube_id, caption (one ro
 data/<Dataset>/Index/<split>.json   Clotho style: {"audios": [{"audio_id", "captions": [{"caption"}]}]}
 data/<Dataset>/TextEmbeddings/<vectors>_<split>.h5   ours: ragged per-caption [n_tokens, D]
 data/<Dataset>/TextEmbeddings/<vectors>_report.json  embed_captions' OOV report
-data/<Dataset>/TextEmbeddings/w2v_<split>.pkl        legacy: read through a restricted unpickler
+data/<Dataset>/TextEmbeddings/w2v_<split>.pkl        legacy: read by atric.legacy (restricted unpickler)
 data/<Dataset>/manifest.json        clip id -> split, audio path, duration, captions
 ```
 Every writer goes through a temp file and a rename, so a crash leaves the old file or none.
@@ -14,10 +14,8 @@ Every writer goes through a temp file and a rename, so a crash leaves the old fi
 
 from __future__ import annotations
 
-import io
 import json
-import pickle
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ import pandas as pd
 
 from atric.atomic import atomic_path, write_text_atomic
 from atric.errors import DataError
+from atric.legacy import restricted_load
 
 SPLITS = ("train", "val", "test")
 EVAL_CAPTIONS_PER_CLIP = 5  # the evaluation protocol needs exactly 5 captions per val/test clip
@@ -295,16 +294,15 @@ def write_features(
     """Write (clip id, [T, D]) pairs as one dataset per clip id; returns the clip count."""
     path = Path(path)
     count = 0
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            for key, value in attrs.items():
-                h5.attrs[key] = value
-            for clip_id, array in features:
-                _check_clip_id(clip_id, str(path))
-                if clip_id in h5:
-                    raise DataError(f"{path}: duplicate clip id {clip_id!r}")
-                h5.create_dataset(clip_id, data=check_feature_array(array, f"{path}:{clip_id}"))
-                count += 1
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+        for clip_id, array in features:
+            _check_clip_id(clip_id, str(path))
+            if clip_id in h5:
+                raise DataError(f"{path}: duplicate clip id {clip_id!r}")
+            h5.create_dataset(clip_id, data=check_feature_array(array, f"{path}:{clip_id}"))
+            count += 1
     return count
 
 
@@ -359,7 +357,7 @@ class FeatureFile:
             self._h5.close()
             self._h5 = None
 
-    def __enter__(self) -> "FeatureFile":
+    def __enter__(self) -> FeatureFile:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -410,19 +408,18 @@ def write_text_embeddings(
     token_offsets = np.concatenate([[0], np.cumsum([a.shape[0] for a in arrays])]).astype(np.int64)
     vectors = np.concatenate(arrays) if arrays else np.zeros((0, dim or 0), np.float32)
     str_dtype = h5py.string_dtype()
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as h5:
-            for key, value in attrs.items():
-                h5.attrs[key] = value
-            h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=str_dtype)
-            h5.create_dataset("caption_offsets", data=np.asarray(caption_offsets, np.int64))
-            h5.create_dataset("token_offsets", data=token_offsets)
-            h5.create_dataset("vectors", data=vectors)
-            if captions is not None:
-                flat = [cap for clip_id in clip_ids for cap in captions[clip_id]]
-                if len(flat) != len(arrays):
-                    raise DataError(f"{path}: {len(flat)} captions for {len(arrays)} embeddings")
-                h5.create_dataset("captions", data=np.array(flat, dtype=object), dtype=str_dtype)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+        for key, value in attrs.items():
+            h5.attrs[key] = value
+        h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=str_dtype)
+        h5.create_dataset("caption_offsets", data=np.asarray(caption_offsets, np.int64))
+        h5.create_dataset("token_offsets", data=token_offsets)
+        h5.create_dataset("vectors", data=vectors)
+        if captions is not None:
+            flat = [cap for clip_id in clip_ids for cap in captions[clip_id]]
+            if len(flat) != len(arrays):
+                raise DataError(f"{path}: {len(flat)} captions for {len(arrays)} embeddings")
+            h5.create_dataset("captions", data=np.array(flat, dtype=object), dtype=str_dtype)
 
 
 def read_text_embeddings(path: str | Path) -> TextEmbeddings:
@@ -453,59 +450,12 @@ def read_text_attrs(path: str | Path) -> dict[str, Any]:
         return {k: _plain(v) for k, v in h5.attrs.items()}
 
 
-# Only plain containers and numpy arrays may come out of a legacy pickle.
-_SAFE_PICKLE_GLOBALS = {
-    ("builtins", "dict"),
-    ("builtins", "list"),
-    ("builtins", "tuple"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "str"),
-    ("builtins", "int"),
-    ("builtins", "float"),
-    ("builtins", "complex"),
-    ("builtins", "bytes"),
-    ("collections", "OrderedDict"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "scalar"),
-    # Protocol 5 (Python 3.8+ HIGHEST_PROTOCOL) rebuilds arrays with frombuffer+reshape.
-    ("numpy.core.numeric", "_frombuffer"),
-    ("numpy._core.numeric", "_frombuffer"),
-    ("numpy.dtypes", "Float32DType"),
-    ("numpy.dtypes", "Float64DType"),
-}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, source: Path) -> None:
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _SAFE_PICKLE_GLOBALS:
-            return super().find_class(module, name)
-        raise DataError(
-            f"{self._source}: refused to unpickle {module}.{name}: legacy text embeddings may hold "
-            "only dicts, lists, tuples, strings, numbers and numpy arrays"
-        )
-
-
 def read_legacy_text_pickle(path: str | Path) -> TextEmbeddings:
     """Read the original's ``w2v_<split>.pkl`` without running code from it."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: legacy text embeddings not found")
-    try:
-        with path.open("rb") as fh:
-            data = _RestrictedUnpickler(fh, path).load()
-    except DataError:
-        raise
-    except Exception as exc:  # truncated or garbage pickle streams raise many types
-        raise DataError(f"{path}: not a readable pickle: {exc!r}") from exc
+    data = restricted_load(path)
     if not isinstance(data, dict):
         raise DataError(f"{path}: expected a dict clip id -> list of arrays, got {type(data).__name__}")
     result: TextEmbeddings = {}
