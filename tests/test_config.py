@@ -39,7 +39,23 @@ def test_unknown_key_is_named(tmp_path: Path) -> None:
 
 def test_bad_value_is_named(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"train\.lr"):
-        load_params(tmp_path / "absent.yaml", ["train.lr=-1"])
+        load_params(tmp_path / "absent.yaml", ["train.lr=-1"], must_exist=False)
+
+
+def test_missing_params_file_is_an_error_not_the_defaults(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"absent\.yaml: params file not found"):
+        load_params(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("value", [".inf", "-.inf", ".nan"])
+def test_non_finite_numbers_are_refused_at_load(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"train\.lr"):
+        load_params(REPO / "params.yaml", [f"train.lr={value}"])
+
+
+@pytest.mark.parametrize(("written", "read"), [("no", "no"), ("yes", "yes"), ("auto", "auto")])
+def test_cache_in_ram_yes_no_as_documented_unquoted(written: str, read: str) -> None:
+    assert load_params(REPO / "params.yaml", [f"train.cache_in_ram={written}"]).train.cache_in_ram == read
 
 
 def test_overrides_parse_yaml_values() -> None:

@@ -19,7 +19,8 @@ PARAMS_FILE = Path("params.yaml")
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf/nan are never valid settings (train.lr: .inf would only surface as a NaN loss).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class SplitSizes(Section):
@@ -183,6 +184,12 @@ class TrainParams(Section):
     num_workers: int = _role("runtime", 0, ge=0)
     models_dir: str = _role("runtime", "models")
     metrics_dir: str = _role("runtime", "metrics")
+
+    @field_validator("cache_in_ram", mode="before")
+    @classmethod
+    def _yaml_yes_no(cls, value: Any) -> Any:
+        # YAML 1.1 reads an unquoted yes/no as a boolean: accept the documented spelling as written.
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
 
     @field_validator("experts")
     @classmethod
@@ -403,9 +410,17 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return result
 
 
-def load_params(path: str | Path = PARAMS_FILE, overrides: list[str] | None = None) -> Params:
-    """Read, override and validate params; raises ConfigError naming the key."""
+def load_params(
+    path: str | Path = PARAMS_FILE, overrides: list[str] | None = None, *, must_exist: bool = True
+) -> Params:
+    """Read, override and validate params; raises ConfigError naming the key.
+
+    A missing file is an error (a typo in ``--params`` must not fall back to the built-in
+    defaults) unless ``must_exist=False``: then the defaults plus ``overrides`` are validated.
+    """
     path = Path(path)
+    if not path.exists() and must_exist:
+        raise ConfigError(f"{path}: params file not found")
     if path.exists():
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
