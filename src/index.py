@@ -39,7 +39,7 @@ def main() -> int:
     if args.run:
         run_name = args.run
     else:
-        from atric.ops.experiment import champion_run
+        from atric.ops.champion import champion_run
 
         run_name = champion_run(params)
     report = build_index(params, run_name, progress=not args.no_progress)

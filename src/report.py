@@ -12,7 +12,7 @@ from pathlib import Path
 
 from atric.cli import add_params_arguments, params_from_args, run
 from atric.engine import SELECTION_METRIC, RunPaths, evaluation_metrics_dir
-from atric.ops.experiment import best_run_by_test, register_champion
+from atric.ops.champion import best_run_by_test, register_champion
 from atric.report import load_run_metrics, write_report
 
 

@@ -48,7 +48,7 @@ def main() -> int:
     if args.model:
         run_name = args.model
     else:
-        from atric.ops.experiment import champion_run
+        from atric.ops.champion import champion_run
 
         try:
             run_name = champion_run(params)

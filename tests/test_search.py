@@ -420,7 +420,7 @@ def test_default_run_is_the_champion(
 ) -> None:
     """Without --model the champion is searched (MLflow's alias, else the best evaluated run;
     stubbed here: creating an MLflow database takes longer than this whole file)."""
-    import atric.ops.experiment
+    import atric.ops.champion
 
     asked: list[str] = []
 
@@ -428,7 +428,7 @@ def test_default_run_is_the_champion(
         asked.append(params.data.dataset)
         return RUN
 
-    monkeypatch.setattr(atric.ops.experiment, "champion_run", champion)
+    monkeypatch.setattr(atric.ops.champion, "champion_run", champion)
     code, out, err = search_in_process(trained["root"], ["a dog barks", "--json"], capsys, monkeypatch)
     assert code == 0, err
     assert asked == ["Fake"] and json.loads(out)["model"] == RUN
@@ -436,7 +436,7 @@ def test_default_run_is_the_champion(
     def no_champion(params: Params) -> str:
         raise DataError("metrics/test: no evaluated runs")
 
-    monkeypatch.setattr(atric.ops.experiment, "champion_run", no_champion)
+    monkeypatch.setattr(atric.ops.champion, "champion_run", no_champion)
     code, _, err = search_in_process(trained["root"], ["a dog barks"], capsys, monkeypatch)
     assert code == 2 and "no evaluated runs" in err and "--model RUN" in err
 
