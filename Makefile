@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv run test ui clean-venv stack-up stack-down stack-status
+.PHONY: venv run test ui clean-venv stack-up stack-down stack-status weights
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,10 @@ ui: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# Official pretrained weights for an expert that needs a download: make weights NAME=panns_cnn14
+weights: venv
+	$(BIN)/python src/fetch_weights.py $(NAME)
 
 clean-venv:
 	rm -rf $(VENV)
