@@ -27,6 +27,7 @@ from optuna.trial import TrialState
 sys.path.insert(0, str(Path(__file__).parent))
 import fakes
 
+from atric import engine
 from atric.ops import services, tuning
 from atric.config import load_params
 from atric.errors import ConfigError
@@ -331,10 +332,14 @@ def postgres() -> Iterator[services.Settings]:
     server = services.Postgres(settings)
     try:
         server.start()
+        POSTGRES_SERVERS[settings.pg_port] = server
         yield settings
     finally:
         server.stop(kill=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+POSTGRES_SERVERS: dict[int, services.Postgres] = {}  # the fixture's servers, by port (restart tests)
 
 
 @pytest.mark.slow
@@ -383,7 +388,122 @@ def test_postgres_worker_killed_mid_trial_is_failed_and_retried(
     assert retries[0].params == trials[killed].params
     assert counts(study) == {"COMPLETE": total, "FAIL": 1}
 
+    # The retry resumed the killed trial's last.pt and ends exactly as an uninterrupted trial.
+    retry = retries[0]
+    assert retry.user_attrs["resumed_trial"] == killed
+    assert trials[killed].intermediate_values  # it had trained epochs worth resuming
+    reference_params = tuning.trial_params(params, retry.params)
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): the same arithmetic
+    reference = engine.train(reference_params, run_name="reference", restart=True)
+    assert reference.resumed_from == 0
+    assert retry.value == reference.best_score
+    assert retry.intermediate_values == {
+        int(row["epoch"]): row[tuning.OBJECTIVE] for row in reference.history
+    }
+
     # The killed trial's MLflow run was closed as failed by the worker that retried it.
     _, runs = mlflow_trial_runs("fleet")
     killed_run = next(r for r in runs if r.data.tags["optuna.trial_number"] == str(killed))
     assert killed_run.info.status == "FAILED" and killed_run.data.tags["optuna.state"] == "FAIL"
+
+
+def test_src_uses_no_private_optuna_attributes() -> None:
+    """Optuna's private API changes without notice: the tuner uses its public one only."""
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}: {line.strip()}"
+        for path in sorted((REPO / "src").rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if "._storage" in line or "._trial_id" in line
+    ]
+    assert not offenders, "\n".join(offenders)
+
+
+def test_diverged_trial_is_pruned_with_its_reason(
+    tmp_path: Path, data_root: Path, env: dict[str, str], one_thread: None
+) -> None:
+    """A NaN loss is a bad point, not a broken worker: PRUNED, reason recorded, the study goes on."""
+    path = write_tune_params(
+        tmp_path, data_root, train={"epochs": 2, "optimizer": "adamw"}, n_trials=2, sampler="random",
+        pruner="none", study_name="nan", space={"lr": {"type": "float", "low": 1.0e-3, "high": 1.0e12, "log": True}},
+    )  # fmt: skip
+    params = load_params(path)
+    study = tuning.create_study(params)
+    study.enqueue_trial({"lr": 1.0e12})
+    study.enqueue_trial({"lr": 1.0e-2})
+    summary = tuning.run_worker(params)
+    first, second = study.get_trials(deepcopy=False)
+    assert first.state == TrialState.PRUNED, first.user_attrs
+    assert "NaN" in first.user_attrs["prune_reason"] or "loss is" in first.user_attrs["prune_reason"]
+    assert second.state == TrialState.COMPLETE
+    assert summary.trials == {"PRUNED": 1, "COMPLETE": 1}
+    _, runs = mlflow_trial_runs("nan")
+    by_trial = {int(r.data.tags["optuna.trial_number"]): r for r in runs}
+    assert by_trial[0].data.tags["optuna.state"] == "PRUNED" and by_trial[0].info.status == "KILLED"
+
+
+def test_dvc_command_reproduces_the_best_trial_exactly(
+    tmp_path: Path, data_root: Path, env: dict[str, str], one_thread: None
+) -> None:
+    """A study run with --pooling and --set: the printed command, applied to params.yaml as on
+    disk, gives exactly the best trial's params (not only its sampled keys)."""
+    import shlex
+
+    path = write_tune_params(tmp_path, data_root, train={"epochs": 1}, n_trials=1, pruner="none", study_name="cmd")
+    file_params = load_params(path)
+    params = load_params(path, ["train.pooling=netvlad", "train.epochs=2", "train.text_clusters=3"])
+    assert file_params.train.pooling != "netvlad" and file_params.train.text_clusters != 3
+    tuning.run_worker(params)
+    study = tuning.load_study(params)
+    result = tuning.write_results(params, study, plots=False, baseline=file_params)
+    words = shlex.split(result.command)
+    assert words[:3] == ["dvc", "exp", "run"] and words[3::2] == ["-S"] * (len(words[3:]) // 2)
+    for key in ("train.pooling=netvlad", "train.epochs=2", "train.text_clusters=3", "train.experts=[fa]"):
+        assert key in words, result.command
+    reproduced = load_params(path, words[4::2])
+    expected = tuning.trial_params(params, study.best_trial.params)
+    assert tuning.base_params(reproduced) == tuning.base_params(expected)
+    assert result.command in result.best_params.read_text()
+    assert yaml.safe_load(result.best_params.read_text()) == {"train": study.best_trial.params}
+
+
+@pytest.mark.slow
+def test_postgres_restart_under_two_busy_workers_loses_and_duplicates_nothing(
+    tmp_path: Path, env: dict[str, str], postgres: services.Settings
+) -> None:
+    """PostgreSQL restarts while two workers train (their heartbeats, reports and tells hit it):
+    every storage call is retried until it is back; the study ends with exactly the total."""
+    total, epochs = 4, 4
+    data = tmp_path / "big"
+    # Epochs of ~1 s: the restart falls inside the workers' trials.
+    fakes.write_fake_layout(data / "data", clips={"train": 600, "val": 40, "test": 10}, frames=(40, 80))
+    url = postgres.pg_url(services.OPTUNA_DB)
+    write_tune_params(tmp_path, data, train={"epochs": epochs}, pruner="none", sampler="random", grace_period=30)
+    params = load_params(tmp_path / "params.yaml", [f"tune.storage={url}", "tune.study_name=outage"])
+    tuning.create_study(params)
+    args = ["--n-trials", str(total), "--total-trials", "--study-name", "outage", "--no-report"]
+    workers = [start_worker(tmp_path, {**env, "ATRIC_OPTUNA_STORAGE": url}, *args) for _ in range(2)]
+    try:
+        study = optuna.load_study(study_name="outage", storage=url)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if len(running) == 2 and all(t.intermediate_values for t in running):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("the two workers never trained at the same time")
+        server = POSTGRES_SERVERS[postgres.pg_port]
+        server.stop()
+        time.sleep(2)  # heartbeats and reports fail meanwhile
+        server.start()
+        outputs = [finish(w, timeout=240) for w in workers]
+    finally:
+        for proc in workers:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert any("unreachable" in out and "retrying" in out for out in outputs), outputs[0][-2000:]
+    study = optuna.load_study(study_name="outage", storage=url)
+    assert counts(study) == {"COMPLETE": total}, [o[-1500:] for o in outputs]
+    assert sorted(t.number for t in study.trials) == list(range(total))
+    assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in study.trials)

@@ -398,7 +398,7 @@ def _parent_run_id(params: Params, study: optuna.Study) -> str:
         return run_id
 
 
-def _mark_mlflow_run(run_id: str | None, state: str, status: str | None = None) -> None:
+def _mark_mlflow_run(run_id: str | None, state: str, status: str | None = None, tags: Mapping[str, str] = {}) -> None:
     """Tag a trial's MLflow run with its Optuna state; pruned runs end KILLED, failed FAILED."""
     if not run_id:
         return
@@ -408,7 +408,8 @@ def _mark_mlflow_run(run_id: str | None, state: str, status: str | None = None) 
     try:
         tracking.configure()
         client = MlflowClient()
-        client.set_tag(run_id, TAG_STATE, state)
+        for key, value in {**tags, TAG_STATE: state}.items():
+            client.set_tag(run_id, key, value)
         # tracked_run already ended it FINISHED (complete) or FAILED (any exception).
         if status or state == "PRUNED":
             client.set_terminated(run_id, status=status or MLFLOW_STATUS[state])
@@ -604,7 +605,13 @@ class _Worker:
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-            _mark_mlflow_run(reporter.run_id, state, status)
+            run_id, tags = reporter.run_id, {}
+            if run_id is None:  # stopped before its first epoch ended: the run is in its folder
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    run_dir = Path(self.params.tune.dir, self.study.study_name, "models", run_name)
+                    run_id = json.loads((run_dir / tracking.RUN_ID_FILE).read_text())["run_id"]
+                    tags = {TAG_STUDY: self.study.study_name, TAG_TRIAL: str(trial.number), TAG_ROLE: "trial"}
+            _mark_mlflow_run(run_id, state, status, tags)
 
     def requeue_interrupted(self) -> None:
         """A preempted worker (docker stop, Ctrl-C) hands its trial back to the fleet."""
