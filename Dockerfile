@@ -55,7 +55,8 @@ RUN pip install . \
     && pip uninstall -y atric
 
 COPY --chown=atric:atric . .
-RUN pip install --no-deps . && chown atric:atric /workspace
+# tune/: trial checkpoints; as a volume (docker-compose.yml) it starts with this owner.
+RUN pip install --no-deps . && mkdir -p tune && chown atric:atric /workspace /workspace/tune
 
 USER 10001:10001
 

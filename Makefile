@@ -57,3 +57,10 @@ stack-down:
 	PYTHON=$(BIN)/python deploy/stack.sh down
 stack-status:
 	PYTHON=$(BIN)/python deploy/stack.sh status
+
+# The worker image with podman (debootstrap base, kept once built); smoke: checks inside it and a
+# 1-trial tune against the local stack (make stack-up first). See deploy/image.sh.
+image: venv
+	PYTHON=$(BIN)/python deploy/image.sh build
+image-smoke: venv
+	PYTHON=$(BIN)/python deploy/image.sh smoke

@@ -1,29 +1,31 @@
-"""Per-trial overhead of the tuner (study, storage, MLflow logging) on SQLite, and trials/hour.
+"""Tuning fleet figures on PostgreSQL: trials/hour and lost work for 1, 2 and 4 workers, and
+the tuner's overhead per trial.
 
-    python benchmarks/tune.py [--trials 20] [--epochs 1]
+    python benchmarks/tune.py [--trials 8] [--epochs 2] [--workers 1 2 4]
 
-On the tiny fake layout of tests/fakes.py, in a temp dir: first ``--trials`` bare
-``engine.train`` runs (the same params, restart), then one worker of the same number of
-trials on a fresh SQLite study with the default space of params.yaml, MLflow on SQLite.
-Both are warmed up first (imports, first-use costs are not per-trial). Overhead per trial =
-(worker wall time - bare wall time) / trials; the pruner is off so every trial trains all
-epochs, as the bare runs do. Prints JSON.
+On the tiny fake layout of tests/fakes.py, in a temp dir, against a throwaway PostgreSQL
+(atric.ops.services) and MLflow on SQLite. Per fleet size: a fresh study of ``--trials`` in total
+(``--total-trials``), real ``src/tune.py`` processes started together; reported: wall time,
+trials/hour, the exact total reached (no overshoot), and lost work (epochs trained by trials
+that did not end COMPLETE/PRUNED: nothing is killed here, so any is a bug). Overhead per trial =
+(1-worker seconds per trial - bare ``engine.train`` seconds per run), the pruner off so every
+trial trains every epoch. Prints JSON with the machine's `uptime` load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import platform
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -31,64 +33,108 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import fakes  # noqa: E402
 
-from atric import engine  # noqa: E402
-from atric.ops import tuning  # noqa: E402
 from atric.config import Params  # noqa: E402
+from atric.engine import train  # noqa: E402
+from atric.ops import services  # noqa: E402
+
+SPACE = {
+    "lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, "log": True},
+    "margin": {"type": "float", "low": 0.05, "high": 0.5},
+}
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def fleet(root: Path, env: dict[str, str], url: str, workers: int, trials: int) -> dict[str, object]:
+    import optuna
+
+    name = f"bench-{workers}"
+    args = [sys.executable, str(ROOT / "src" / "tune.py"), "--n-trials", str(trials), "--total-trials",
+            "--study-name", name, "--no-report", "--storage", url]  # fmt: skip
+    subprocess.run([*args, "--create-only"], cwd=root, env=env, check=True, capture_output=True)
+    start = time.perf_counter()
+    procs = [subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(workers)]  # fmt: skip
+    for proc in procs:
+        _, err = proc.communicate()
+        if proc.returncode:
+            raise SystemExit(f"worker exited {proc.returncode}:\n{err[-2000:]}")
+    wall = time.perf_counter() - start
+    study = optuna.load_study(study_name=name, storage=url)
+    states: dict[str, int] = {}
+    lost = 0
+    for trial in study.trials:
+        states[trial.state.name] = states.get(trial.state.name, 0) + 1
+        if trial.state.name not in ("COMPLETE", "PRUNED"):
+            lost += len(trial.intermediate_values)
+    seconds = [t.user_attrs["seconds"] for t in study.trials if "seconds" in t.user_attrs]
+    return {
+        "workers": workers,
+        "wall_seconds": round(wall, 2),
+        "trials": len(study.trials),
+        "exact_total": states.get("COMPLETE", 0) + states.get("PRUNED", 0) == trials == len(study.trials),
+        "states": states,
+        "trials_per_hour": round(3600 * trials / wall),
+        "mean_trial_seconds": round(sum(seconds) / len(seconds), 3),
+        "lost_epochs": lost,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=8)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(1)  # tiny tensors: threads cost more than they give
-    space = yaml.safe_load((ROOT / "params.yaml").read_text())["tune"]["space"]
-    # The fake layout's tiny model: cluster counts of the default space scaled into its range.
-    space["audio_clusters"] = {"type": "int", "low": 2, "high": 8}
-    space["text_clusters"] = {"type": "int", "low": 2, "high": 8}
+    torch.set_num_threads(1)
+    load_before = uptime()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        os.chdir(root)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-        fakes.write_fake_layout(root / "data")
-        raw = fakes.tiny_params(root, epochs=args.epochs)
-        raw["tune"] = {"space": space, "pruner": "none", "n_trials": args.trials, "study_name": "bench"}
-        params = Params.model_validate(raw)
-
-        engine.train(params, run_name="warmup", restart=True)
-        start = time.perf_counter()
-        for _ in range(args.trials):
-            engine.train(params, run_name="bare", restart=True)
-        bare = time.perf_counter() - start
-
-        warm = params.model_copy(
-            update={"tune": params.tune.model_copy(update={"n_trials": 1, "study_name": "w"})}
-        )
-        tuning.run_worker(warm)
-        start = time.perf_counter()
-        summary = tuning.run_worker(params)
-        tuned = time.perf_counter() - start
-        study = tuning.load_study(params)
-        trial_seconds = [t.user_attrs["seconds"] for t in study.trials]
-
-    per_trial = tuned / args.trials
-    print(
-        json.dumps(
-            {
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                "epochs_per_trial": args.epochs,
-                "trials": args.trials,
-                "states": summary.trials,
-                "bare_train_seconds_per_run": round(bare / args.trials, 3),
-                "tuned_seconds_per_trial": round(per_trial, 3),
-                "overhead_seconds_per_trial": round(per_trial - bare / args.trials, 3),
-                "train_tracked_seconds_per_trial": round(sum(trial_seconds) / len(trial_seconds), 3),
-                "trials_per_hour": round(3600 / per_trial),
-            },
-            indent=1,
-        )
-    )
+        state = root / "pg"
+        state.mkdir()
+        root.chmod(0o711)
+        state.chmod(0o711)  # as root, PostgreSQL runs as user postgres: it must enter this dir
+        settings = services.Settings.generate(state)
+        server = services.Postgres(settings)
+        server.start()
+        try:
+            fakes.write_fake_layout(root / "data")
+            raw = fakes.tiny_params(root, epochs=args.epochs)
+            raw["train"]["models_dir"], raw["train"]["metrics_dir"] = "models", "metrics"
+            raw["tune"] = {"space": SPACE, "pruner": "none", "sampler": "random", "heartbeat_interval": 5}
+            fakes.write_params(root / "params.yaml", raw)
+            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root / 'mlflow.db'}",
+                   "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}  # fmt: skip
+            os.chdir(root)
+            params = Params.model_validate(raw)
+            train(params, run_name="warmup", restart=True)
+            start = time.perf_counter()
+            for _ in range(args.trials):
+                train(params, run_name="bare", restart=True)
+            bare = (time.perf_counter() - start) / args.trials
+            url = settings.pg_url(services.OPTUNA_DB)
+            results = [fleet(root, env, url, n, args.trials) for n in args.workers]
+        finally:
+            server.stop(kill=True)
+            os.chdir(ROOT)
+            shutil.rmtree(state, ignore_errors=True)
+    one = next((r for r in results if r["workers"] == 1), None)
+    print(json.dumps({
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "uptime_before": load_before,
+        "uptime_after": uptime(),
+        "storage": "postgresql (throwaway, 127.0.0.1)",
+        "epochs_per_trial": args.epochs,
+        "trials_per_study": args.trials,
+        "bare_train_seconds_per_run": round(bare, 3),
+        "fleets": results,
+        # Trial time inside a worker minus the bare engine run: study, storage, MLflow per trial.
+        "overhead_seconds_per_trial": round(one["mean_trial_seconds"] - bare, 3) if one else None,
+        # Whole-process cost per trial at 1 worker (imports, joining the study, MLflow parent run).
+        "worker_wall_seconds_per_trial_1": round(one["wall_seconds"] / args.trials, 3) if one else None,
+    }, indent=1))  # fmt: skip
 
 
 if __name__ == "__main__":
