@@ -149,6 +149,7 @@ LossName = Literal["max_margin", "infonce"]
 FusionName = Literal["uniform", "text_weighted"]
 OptimizerName = Literal["ranger", "adamw"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
+SamplingName = Literal["clip", "pairs"]
 
 
 def _role(role: Role, default: Any, **kwargs: Any) -> Any:
@@ -178,7 +179,14 @@ class TrainParams(Section):
     batch_size: int = _role("result", 128, ge=2)
     seed: int = _role("result", 0)
     precision: PrecisionName = _role("result", "fp32")  # atric.precision: autocast dtype and scaler
+    # Padded length: a duration for every expert (frames = seconds / the hop its feature file
+    # records); null: the dataset's whole clip (AudioCaps 10 s, CLOTHO 30 s), else the 95th
+    # percentile of the train clips. max_frames.<expert> (frames) overrides it per expert.
+    max_seconds: float | None = _role("result", None, gt=0)
     max_frames: dict[str, int] = _role("result", {})
+    # clip: the original's batches (one item per clip with all its captions, caption similarities
+    # averaged per clip before the loss); pairs: one item per (clip, caption).
+    sampling: SamplingName = _role("result", "pairs")
     device: str = _role("runtime", "auto")
     cache_in_ram: Literal["auto", "yes", "no"] = _role("runtime", "auto")
     num_workers: int = _role("runtime", 0, ge=0)

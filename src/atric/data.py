@@ -9,13 +9,15 @@ Features are either cached in RAM (already cut to the padded length) or streamed
 one clip at a time, each process (DataLoader worker) opening its own handle, so an
 AudioCaps-scale corpus (tens of GB) trains in bounded memory.
 
-Batches of (clip, caption) pairs are collated with every distinct clip once: a clip with
-several captions in the batch is one audio column and ``caption_clip`` maps each caption
-row to that column (what the losses expect).
+Training batches are either (clip, caption) pairs (``train.sampling: pairs``) or clips with
+all their captions (``clip``, the original's); both are collated with every distinct clip
+once: a clip with several captions in the batch is one audio column and ``caption_clip`` maps
+each caption row to that column (what the losses expect).
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -30,10 +32,13 @@ from torch.utils.data import Dataset, Sampler
 from atric.errors import DataError
 from atric.layout import Clip, FeatureFile, Layout, read_index, read_text_embeddings
 
-# The original's padded lengths per dataset and expert (ORIGINAL_SPEC.md). EfficientLatent
-# had no Clotho value (a bug): 96 = 3 x its AudioCaps length, the ~3x ratio that VGGish
-# (10 -> 31), VGGSound (29 -> 95) and PANNs CNN14 (31 -> 90) show between the two datasets
-# (Clotho clips are 15-30 s, AudioCaps clips 10 s).
+# The original's padded lengths per dataset and expert (ORIGINAL_SPEC.md), in frames of the
+# ORIGINAL's own feature files. They apply only to files that do not record their frame rate
+# (precomputed seed-layout features such as the original's); for atric's extractors the
+# padded length is a duration (``DEFAULT_MAX_SECONDS`` or ``train.max_seconds``), turned into
+# frames with the ``hop_seconds`` each feature file records. EfficientLatent had no Clotho
+# value (a bug): 96 = 3 x its AudioCaps length, the ~3x ratio that VGGish (10 -> 31),
+# VGGSound (29 -> 95) and PANNs CNN14 (31 -> 90) show between the two datasets.
 DEFAULT_MAX_FRAMES: dict[str, dict[str, int]] = {
     "AudioCaps": {
         "logmel": 10,
@@ -52,6 +57,10 @@ DEFAULT_MAX_FRAMES: dict[str, dict[str, int]] = {
         "efficientlatent": 96,
     },
 }
+# The durations those lengths cover: a whole AudioCaps clip (10 s), a whole Clotho clip (15-30 s).
+DEFAULT_MAX_SECONDS: dict[str, float] = {"AudioCaps": 10.0, "CLOTHO": 30.0}
+# A padded length this many times the longest clip is a mistake (a frame count given as seconds, say).
+MAX_LENGTH_RATIO = 10
 # Other datasets: cover this percentile of the train split's sequence lengths.
 LENGTH_PERCENTILE = 95.0
 # cache_in_ram "auto" caches a split when its (cut) features take less than this.
@@ -154,25 +163,67 @@ def scan_features(path: Path, clip_ids: Sequence[str]) -> tuple[int, np.ndarray]
     return dim, lengths
 
 
+def feature_hop_seconds(path: Path) -> float | None:
+    """The audio time per frame a feature file records (atric's extractors do), else None."""
+    with FeatureFile(path) as features:
+        hop = features.attrs.get("hop_seconds")
+    return float(hop) if hop is not None and float(hop) > 0 else None
+
+
 def resolve_max_frames(
     dataset: str,
     experts: Sequence[str],
     configured: Mapping[str, int],
     train_lengths: Mapping[str, np.ndarray],
+    *,
+    max_seconds: float | None = None,
+    hops: Mapping[str, float | None] | None = None,
 ) -> dict[str, int]:
-    """Padded length per expert: params, then the paper's table, then the 95th percentile."""
+    """Padded length per expert, in this order: ``train.max_frames.<expert>`` (frames), a
+    duration (``train.max_seconds``, else the dataset's whole-clip duration) over the file's
+    recorded hop, the original's frame counts for files without a hop, the 95th percentile."""
+    hops = hops or {}
     result: dict[str, int] = {}
     for expert in experts:
+        hop = hops.get(expert)
+        seconds = max_seconds if max_seconds is not None else DEFAULT_MAX_SECONDS.get(dataset)
+        longest = int(np.max(train_lengths[expert]))
         if expert in configured:
-            value = int(configured[expert])
+            value, key = int(configured[expert]), f"train.max_frames.{expert}"
             if value < 1:
-                raise DataError(f"train.max_frames.{expert}: must be >= 1, got {value}")
+                raise DataError(f"{key}: must be >= 1, got {value}")
+        elif seconds is not None and hop:
+            value, key = max(1, math.ceil(seconds / hop - 1e-9)), "train.max_seconds"
         elif expert in DEFAULT_MAX_FRAMES.get(dataset, {}):
-            value = DEFAULT_MAX_FRAMES[dataset][expert]
+            value, key = DEFAULT_MAX_FRAMES[dataset][expert], ""
         else:
-            value = max(1, int(np.ceil(np.percentile(train_lengths[expert], LENGTH_PERCENTILE))))
+            value, key = max(1, int(np.ceil(np.percentile(train_lengths[expert], LENGTH_PERCENTILE)))), ""
+        if key and value > MAX_LENGTH_RATIO * longest:
+            given = f"{max_seconds} s = {value} frames" if key == "train.max_seconds" else f"{value} frames"
+            raise DataError(
+                f"{key}: {given} of {expert} is more than {MAX_LENGTH_RATIO}x the longest train clip "
+                f"({longest} frames{f' = {longest * hop:.1f} s' if hop else ''}); give seconds in "
+                "train.max_seconds and frames in train.max_frames"
+            )
         result[expert] = value
     return result
+
+
+@dataclass(frozen=True)
+class Truncation:
+    """How much of a split a padded length cuts off."""
+
+    clips_cut: float  # share of clips longer than the padded length
+    frames_dropped: float  # share of all frames beyond it
+
+    def describe(self) -> str:
+        return f"{100 * self.clips_cut:.1f}% of clips cut, {100 * self.frames_dropped:.1f}% of frames dropped"
+
+
+def truncation(lengths: np.ndarray, max_frames: int) -> Truncation:
+    total = float(lengths.sum())
+    dropped = float(np.clip(lengths - max_frames, 0, None).sum())
+    return Truncation(float(np.mean(lengths > max_frames)), dropped / total if total else 0.0)
 
 
 # ---------------------------------------------------------------- one split
@@ -196,6 +247,11 @@ class SplitData:
     def max_frames(self) -> dict[str, int]:
         return {name: e.max_frames for name, e in self.experts.items()}
 
+    @property
+    def truncation(self) -> dict[str, Truncation]:
+        """Per expert, what the padded length cuts off this split's clips."""
+        return {name: truncation(e.lengths, e.max_frames) for name, e in self.experts.items()}
+
     def __len__(self) -> int:
         return len(self.clips)
 
@@ -213,6 +269,7 @@ def open_split(
     max_frames: Mapping[str, int],
     cache_in_ram: CacheMode = "auto",
     expert_dims: Mapping[str, int] | None = None,
+    max_seconds: float | None = None,
 ) -> SplitData:
     """Open and check one split.
 
@@ -230,6 +287,7 @@ def open_split(
     clip_ids = tuple(c.clip_id for c in clips)
 
     scans = {expert: scan_features(layout.features_path(expert, split), clip_ids) for expert in experts}
+    hops = {expert: feature_hop_seconds(layout.features_path(expert, split)) for expert in experts}
     for expert, (dim, _) in scans.items():
         if expert_dims is not None and expert in expert_dims and dim != expert_dims[expert]:
             raise DataError(
@@ -237,7 +295,12 @@ def open_split(
                 f"but the model expects {expert_dims[expert]} for expert {expert!r}"
             )
     resolved = resolve_max_frames(
-        layout.dataset, experts, dict(max_frames), {e: lengths for e, (_, lengths) in scans.items()}
+        layout.dataset,
+        experts,
+        dict(max_frames),
+        {e: lengths for e, (_, lengths) in scans.items()},
+        max_seconds=max_seconds,
+        hops=hops,
     )
     features = {
         expert: ExpertFeatures(
@@ -403,6 +466,29 @@ class PairDataset(Dataset[PairSample]):
         clip = int(self.data.caption_clip[caption])
         frames = {name: expert.frames(clip) for name, expert in self.data.experts.items()}
         return clip, frames, self.data.words[caption]
+
+
+class ClipCaptionsDataset(Dataset[list[PairSample]]):
+    """One item per clip holding all its captions (the original's training batches: a batch
+    is distinct clips, so no clip repeats inside it)."""
+
+    def __init__(self, data: SplitData) -> None:
+        self.data = data
+        self.captions_of = [np.flatnonzero(data.caption_clip == clip) for clip in range(len(data.clips))]
+
+    def __len__(self) -> int:
+        return len(self.data.clips)
+
+    def __getitem__(self, clip: int) -> list[PairSample]:
+        frames = {name: expert.frames(clip) for name, expert in self.data.experts.items()}
+        return [(clip, frames, self.data.words[int(c)]) for c in self.captions_of[clip]]
+
+
+class ClipCaptionsCollate(PairCollate):
+    """Collate clips with all their captions: the same Batch as pairs, each clip once."""
+
+    def __call__(self, samples: Sequence[list[PairSample]]) -> Batch:  # type: ignore[override]
+        return super().__call__([pair for clip in samples for pair in clip])
 
 
 class ClipDataset(Dataset[dict[str, np.ndarray]]):

@@ -115,6 +115,15 @@ class InfoNCELoss(nn.Module):
         return 0.5 * (text_to_audio + audio_to_text)
 
 
+def merge_caption_similarities(sim: Tensor, caption_clip: Tensor) -> Tensor:
+    """[Nt, Na] caption x clip similarities -> [Na, Na]: row c is the mean over clip c's captions
+    (the original's ``merge_caption_similiarities = "avg"``); the positives are then the diagonal."""
+    clips = sim.shape[1]
+    counts = torch.bincount(caption_clip, minlength=clips).clamp_min(1).to(sim.dtype)
+    summed = sim.new_zeros(clips, clips).index_add_(0, caption_clip, sim)
+    return summed / counts.unsqueeze(1)
+
+
 def build_loss(name: str, **kwargs: Any) -> nn.Module:
     """Build a loss by name ("max_margin" or "infonce") with its keyword arguments."""
     classes = {"max_margin": MaxMarginRankingLoss, "infonce": InfoNCELoss}

@@ -13,7 +13,7 @@ import math
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +24,16 @@ from tqdm import tqdm
 
 from atric.atomic import write_json_atomic
 from atric.config import Params
-from atric.data import Batch, EpochSampler, PairCollate, PairDataset, SplitData, open_split
+from atric.data import (
+    Batch,
+    ClipCaptionsCollate,
+    ClipCaptionsDataset,
+    EpochSampler,
+    PairCollate,
+    PairDataset,
+    SplitData,
+    open_split,
+)
 from atric.device import resolve_device
 from atric.engine.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -42,6 +51,7 @@ from atric.engine.runs import SELECTION_METRIC, RunPaths, run_name_for
 from atric.errors import AtricError, CheckpointError, ConfigError, DataError
 from atric.factory import build_loss, build_model, build_optimizer, build_scheduler
 from atric.layout import Layout
+from atric.losses import merge_caption_similarities
 from atric.model import RetrievalModel
 from atric.precision import Precision
 
@@ -70,16 +80,32 @@ class TrainResult:
     epoch_seconds: list[float] = field(default_factory=list)  # wall time of each epoch of this call
     data_wait_fraction: list[float] = field(default_factory=list)  # share of step time spent waiting for data
     clips_per_second: list[float] = field(default_factory=list)  # distinct clips per second of training
+    max_frames: dict[str, int] = field(default_factory=dict)  # the effective padded length per expert
+    truncation: dict[str, dict[str, float]] = field(default_factory=dict)  # per expert: clips_cut, frames_dropped
 
 
-def train_loader(data: SplitData, *, batch_size: int, seed: int, num_workers: int, device: torch.device) -> tuple[DataLoader, EpochSampler]:
-    """Shuffled (clip, caption) pairs of the train split; incomplete last batches are dropped so
-    every step sees the same batch size (and BatchNorm never sees a single row)."""
-    sampler = EpochSampler(len(data.words), seed)
+def train_loader(
+    data: SplitData,
+    *,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    device: torch.device,
+    sampling: str = "pairs",
+) -> tuple[DataLoader, EpochSampler]:
+    """The train split shuffled by (seed, epoch): (clip, caption) pairs, or clips with all their
+    captions (``sampling="clip"``). Incomplete last batches are dropped so every step sees the same
+    batch size (and BatchNorm never sees a single row)."""
+    if sampling == "clip":
+        dataset: Any = ClipCaptionsDataset(data)
+        collate: Any = ClipCaptionsCollate(data.max_frames)
+    else:
+        dataset, collate = PairDataset(data), PairCollate(data.max_frames)
+    sampler = EpochSampler(len(dataset), seed)
     loader = DataLoader(
-        PairDataset(data),
-        batch_size=min(batch_size, len(data.words)),
-        collate_fn=PairCollate(data.max_frames),
+        dataset,
+        batch_size=min(batch_size, len(dataset)),
+        collate_fn=collate,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         # Each worker opens its own HDF5 handles; a small prefetch keeps memory bounded.
@@ -106,6 +132,7 @@ def train_epoch(
     run_name: str,
     last_path: Path,
     max_steps: int | None = None,
+    merge_captions: bool = False,
 ) -> tuple[float, float, float, int]:
     """One pass over the training pairs (or its first ``max_steps`` batches: the benchmark's
     measurement); returns (mean loss, seconds, data-wait seconds, clips)."""
@@ -135,7 +162,11 @@ def train_epoch(
             batch = batch.to(device)
             with precision.autocast():
                 sim = model(batch.audio, batch.words, batch.word_mask)
-            loss = loss_fn(sim.float(), batch.caption_clip)
+            if merge_captions:  # clip sampling: one row per clip, its captions' mean similarity
+                sim = merge_caption_similarities(sim.float(), batch.caption_clip)
+                loss = loss_fn(sim, torch.arange(n_clips, device=sim.device))
+            else:
+                loss = loss_fn(sim.float(), batch.caption_clip)
             if not torch.isfinite(loss):
                 kept = (
                     f"the last good checkpoint {last_path} is kept"
@@ -204,12 +235,16 @@ def train(
     layout = Layout(params.data.dataset, params.data.root)
     common = {"experts": tp.experts, "vectors": params.text.vectors, "cache_in_ram": tp.cache_in_ram}
     with ExitStack() as stack:  # HDF5 handles are closed whatever happens
-        train_data = open_split(layout, "train", max_frames=tp.max_frames, **common)
+        train_data = open_split(
+            layout, "train", max_frames=tp.max_frames, max_seconds=tp.max_seconds, **common
+        )
         stack.callback(train_data.close)
+        _report_truncation(run_name, "train", train_data)
         val_data = open_split(
             layout, "val", max_frames=train_data.max_frames, expert_dims=train_data.expert_dims, **common
         )
         stack.callback(val_data.close)
+        _report_truncation(run_name, "val", val_data)
         if val_data.text_dim != train_data.text_dim:
             raise DataError(
                 f"{layout.text_path(params.text.vectors, 'val')}: word vectors have dim "
@@ -228,6 +263,16 @@ def train(
         )
     _notify(callbacks, "on_train_end", result)
     return result
+
+
+def _report_truncation(run_name: str, split: str, data: SplitData) -> None:
+    """Say once per run and split when the padded lengths cut clips (silent truncation hides bugs)."""
+    for expert, cut in data.truncation.items():
+        if cut.clips_cut > 0:
+            log.warning(
+                "%s: %s padded to %d frames: %s of the %s split (train.max_seconds / train.max_frames)",
+                run_name, expert, data.max_frames[expert], cut.describe(), split,
+            )  # fmt: skip
 
 
 def _notify(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
@@ -287,13 +332,19 @@ def _fit(
         log.info("%s: resuming after epoch %d from %s", run_name, start_epoch, paths.last)
 
     loader, sampler = train_loader(
-        train_data, batch_size=tp.batch_size, seed=tp.seed, num_workers=tp.num_workers, device=device
+        train_data,
+        batch_size=tp.batch_size,
+        seed=tp.seed,
+        num_workers=tp.num_workers,
+        device=device,
+        sampling=tp.sampling,
     )
     base = {
         "format": CHECKPOINT_FORMAT,
         "run_name": run_name,
         "model_config": model.config(),
         "max_frames": dict(train_data.max_frames),
+        "truncation": {k: asdict(v) for k, v in train_data.truncation.items()},
         "signature": signature,
         "params_hash": signature_hash(signature),
     }
@@ -307,6 +358,8 @@ def _fit(
         paths=paths,
         resumed_from=start_epoch,
         epochs_run=0,
+        max_frames=dict(train_data.max_frames),
+        truncation=dict(base["truncation"]),
     )
     for epoch in range(start_epoch + 1, tp.epochs + 1):
         sampler.set_epoch(epoch)
@@ -322,6 +375,7 @@ def _fit(
             epochs=tp.epochs,
             run_name=run_name,
             last_path=paths.last,
+            merge_captions=tp.sampling == "clip",
         )
         scheduler.step()
         metrics = evaluate_split(
