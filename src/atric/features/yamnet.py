@@ -154,13 +154,14 @@ def _tf_names() -> list[tuple[str, str, str]]:
     bn, pointwise conv, bn, and last the dense layer (layer_with_weights-0..54).
     """
     names: list[tuple[str, str, str]] = []
-    for i, module in enumerate(YamnetNet().layers):
+    layers = YamnetNet().layers
+    for i, module in enumerate(layers):
         assert isinstance(module, _ConvBN)
         kind = "depthwise_kernel" if module.conv.groups > 1 else "kernel"
         names.append((f"layers.{i}.conv.weight", _TF_PREFIX.format(2 * i, kind), kind))
         for ours, theirs in (("bias", "beta"), ("running_mean", "moving_mean"), ("running_var", "moving_variance")):
             names.append((f"layers.{i}.bn.{ours}", _TF_PREFIX.format(2 * i + 1, theirs), "vector"))
-    dense = 2 * len(YamnetNet().layers)
+    dense = 2 * len(layers)
     names += [
         ("classifier.weight", _TF_PREFIX.format(dense, "kernel"), "dense"),
         ("classifier.bias", _TF_PREFIX.format(dense, "bias"), "vector"),
@@ -168,8 +169,8 @@ def _tf_names() -> list[tuple[str, str, str]]:
     return names
 
 
-def state_from_bundle(tensors: Mapping[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """YamnetNet's state_dict from the TF tensors."""
+def state_from_bundle(tensors: Mapping[str, np.ndarray], where: str) -> dict[str, torch.Tensor]:
+    """YamnetNet's state_dict from the TF tensors (``where``: the checkpoint, for errors)."""
     # TF kernels are [h, w, in, out] ([h, w, in, 1] depthwise, [in, out] dense);
     # torch wants [out, in/groups, h, w] and [out, in].
     order = {"kernel": (3, 2, 0, 1), "depthwise_kernel": (2, 3, 0, 1), "dense": (1, 0)}
@@ -178,7 +179,10 @@ def state_from_bundle(tensors: Mapping[str, np.ndarray]) -> dict[str, torch.Tens
         value = tensors[theirs]
         if kind in order:
             if value.ndim != len(order[kind]):
-                raise CheckpointError(f"{theirs}: expected a {len(order[kind])}-d tensor, got shape {value.shape}")
+                raise CheckpointError(
+                    f"{where}: not a YAMNet v1 checkpoint: {theirs} has shape {value.shape}, "
+                    f"expected {len(order[kind])} dimensions"
+                )
             value = value.transpose(order[kind])
         state[ours] = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
     return state
@@ -189,7 +193,7 @@ def load_yamnet(prefix: Path, device: torch.device | str = "cpu") -> YamnetNet:
     tensors = read_bundle(prefix, [theirs for _, theirs, _ in _tf_names()])
     model = YamnetNet()
     expected = model.state_dict()
-    state = state_from_bundle(tensors)
+    state = state_from_bundle(tensors, str(prefix))
     wrong = [
         f"{k} (file {tuple(state[k].shape)}, model {tuple(v.shape)})"
         for k, v in expected.items()
