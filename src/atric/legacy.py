@@ -11,6 +11,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from atric.errors import DataError
 
 # Only plain containers and numpy arrays may come out of a legacy pickle.
@@ -40,12 +42,29 @@ _SAFE_PICKLE_GLOBALS = {
 }
 
 
+# A declared array larger than this is refused before it is allocated: a few bytes of pickle
+# can otherwise ask numpy for gigabytes. Real caption embeddings are [n_words, 300] floats.
+MAX_ARRAY_BYTES = 64 << 20
+_RECONSTRUCTORS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct")}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, source: Path) -> None:
-        super().__init__(file)
+    """Protocols 0-5 of plain containers and numpy arrays, Python 2 pickles included.
+
+    ``encoding="latin1"`` reads Python 2 ``str`` (array bytes) byte for byte, as numpy expects;
+    ``_codecs.encode`` (how protocols 0-2 carry bytes) is admitted for latin-1 only.
+    """
+
+    def __init__(self, file: io.BufferedIOBase, source: Path, max_array_bytes: int) -> None:
+        super().__init__(file, encoding="latin1")
         self._source = source
+        self._max_array_bytes = max_array_bytes
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("_codecs", "encode"):
+            return self._latin1_encode
+        if (module, name) in _RECONSTRUCTORS:
+            return self._bounded_reconstruct(super().find_class(module, name))
         if (module, name) in _SAFE_PICKLE_GLOBALS:
             return super().find_class(module, name)
         raise DataError(
@@ -53,12 +72,32 @@ class _RestrictedUnpickler(pickle.Unpickler):
             "only dicts, lists, tuples, strings, numbers and numpy arrays"
         )
 
+    def _latin1_encode(self, text: str, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        if encoding.lower().replace("-", "") != "latin1" or not isinstance(text, str):
+            raise DataError(f"{self._source}: refused _codecs.encode with encoding {encoding!r} (only latin-1)")
+        return text.encode("latin1", errors)
 
-def restricted_load(path: Path) -> Any:
+    def _bounded_reconstruct(self, reconstruct: Any) -> Any:
+        def bounded(subtype: Any, shape: Any, dtype: Any) -> Any:
+            try:
+                items = int(np.prod(np.asarray(shape, dtype=np.int64)))
+            except (TypeError, ValueError, OverflowError):
+                raise DataError(f"{self._source}: array with an unreadable shape {shape!r}") from None
+            if items < 0 or items * 8 > self._max_array_bytes:  # 8: the widest dtype we admit
+                raise DataError(
+                    f"{self._source}: an array of shape {tuple(np.atleast_1d(shape).tolist())} exceeds the "
+                    f"{self._max_array_bytes >> 20} MiB bound for one legacy array; refused before allocating"
+                )
+            return reconstruct(subtype, shape, dtype)
+
+        return bounded
+
+
+def restricted_load(path: Path, max_array_bytes: int = MAX_ARRAY_BYTES) -> Any:
     """Unpickle ``path`` admitting only the globals above; DataError for anything else."""
     try:
         with path.open("rb") as fh:
-            return _RestrictedUnpickler(fh, path).load()
+            return _RestrictedUnpickler(fh, path, max_array_bytes).load()
     except DataError:
         raise
     except Exception as exc:  # truncated or garbage pickle streams raise many types
