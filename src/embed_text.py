@@ -28,6 +28,13 @@ def main() -> int:
     args = parser.parse_args()
     params = cli.params_from_args(args)
     layout = Layout(params.data.dataset, params.data.root)
+    from atric.corpus.seed import LEGACY_VECTORS, import_text
+
+    if params.data.source == "seed" and params.text.vectors == LEGACY_VECTORS:
+        # The original's word2vec caption embeddings, as they are (no tokenising, no lookup).
+        for split in args.splits or SPLITS:
+            print(f"{split}: imported -> {import_text(params, split)}")
+        return 0
     report = embed_captions(layout, params.text.vectors, args.splits or SPLITS, params.text, progress=True)
     print(format_report(report))
     print(f"report: {layout.text_report_path(report.vectors)}")

@@ -34,6 +34,13 @@ def main() -> int:
     add_params_arguments(parser)
     args = parser.parse_args()
     params = params_from_args(args)
+    if params.data.source == "seed":  # the original's precomputed features: imported, not extracted
+        from atric.corpus.seed import import_features
+
+        for expert in args.expert or params.features.experts:
+            for split in args.split or SPLITS:
+                print(f"{expert}/{split}: imported -> {import_features(params, expert, split)}", flush=True)
+        return 0
     run_extraction(params, args.expert or None, args.split or None, progress=not args.no_progress)
     return 0
 

@@ -64,7 +64,9 @@ class DataParams(Section):
     seed folder.
     """
 
-    source: Literal["synth", "clotho", "audiocaps"] = "synth"
+    # seed: data.raw_dir holds the original's seed layout (Index/, AudioExpert/, TextEmbeddings/),
+    # imported as it is (atric.corpus.seed): no audio is decoded, no caption re-embedded.
+    source: Literal["synth", "clotho", "audiocaps", "seed"] = "synth"
     dataset: str = Field(SYNTH_DATASET, min_length=1)
     raw_dir: str = "data/raw"
     root: str = "data"
@@ -83,6 +85,11 @@ class DataParams(Section):
 
     @model_validator(mode="after")
     def _dataset_matches_source(self) -> "DataParams":
+        if self.source == "seed" and self.dataset == SYNTH_DATASET:
+            raise ValueError(
+                f"dataset {SYNTH_DATASET!r} is the synthetic corpus's folder but source is 'seed'; set "
+                "data.dataset to the seed layout's dataset (CLOTHO, AudioCaps or a name of your own)"
+            )
         if self.source in SEED_DATASETS and self.dataset == SYNTH_DATASET:
             raise ValueError(
                 f"dataset {SYNTH_DATASET!r} is the synthetic corpus's folder but source is "
@@ -458,8 +465,13 @@ def flatten(params: BaseModel | dict[str, Any], prefix: str = "") -> dict[str, A
     return flat
 
 
-def preset_overrides(path: str | Path) -> list[str]:
-    """A preset file (a partial params.yaml) as ``section.key=value`` overrides, validated."""
+def preset_overrides(path: str | Path, params_file: str | Path = PARAMS_FILE) -> list[str]:
+    """A preset file (a partial params.yaml) as ``section.key=value`` overrides, validated.
+
+    A key that ``params_file`` does not hold (e.g. ``train.max_frames.logmel`` under an empty
+    ``max_frames: {}``) is written ``+key=value``: DVC's ``-S`` refuses to override a key that is
+    not there, and appends it with the ``+`` prefix.
+    """
     path = Path(path)
     try:
         preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
@@ -468,8 +480,9 @@ def preset_overrides(path: str | Path) -> list[str]:
     if not isinstance(preset, dict):
         raise ConfigError(f"{path}: a preset is a mapping of params.yaml sections")
     overrides = [f"{key}={_flag_value(value)}" for key, value in flatten(preset).items()]
-    load_params(PARAMS_FILE, overrides)  # refuse unknown keys before DVC sees them
-    return overrides
+    load_params(params_file, overrides)  # refuse unknown keys before DVC sees them
+    present = set(flatten(yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}))
+    return [f"{'' if text.split('=', 1)[0] in present else '+'}{text}" for text in overrides]
 
 
 def _flag_value(value: Any) -> str:

@@ -37,7 +37,7 @@ from atric.layout import SPLITS, Clip, Layout, Manifest, validate_clips, write_i
 def check_dataset_name(data: DataParams) -> None:
     """Refuse to write one corpus into another corpus's seed folder (CLOTHO, AudioCaps)."""
     for source, seed_name in SEED_DATASETS.items():
-        if data.dataset == seed_name and data.source != source:
+        if data.dataset == seed_name and data.source not in (source, "seed"):
             raise ConfigError(
                 f"data.dataset: {seed_name!r} is the seed folder of the {source} corpus, but "
                 f"data.source is {data.source!r}; choose another data.dataset"
@@ -63,11 +63,18 @@ def _read_audiocaps(raw_dir: Path, data: DataParams) -> Manifest:
     return read_audiocaps(raw_dir, dataset=data.dataset, sample_rate=data.sample_rate)
 
 
+def _read_seed(raw_dir: Path, data: DataParams) -> Manifest:
+    from atric.corpus.seed import read_seed_raw
+
+    return read_seed_raw(raw_dir, data.dataset, data.sample_rate)
+
+
 # data.source -> the reader of that release format (config.DataParams.source lists the same names).
 IMPORTERS: dict[str, Callable[[Path, DataParams], Manifest]] = {
     "synth": _read_synth,
     "clotho": _read_clotho,
     "audiocaps": _read_audiocaps,
+    "seed": _read_seed,
 }
 
 
