@@ -15,6 +15,7 @@ from pathlib import Path
 from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
 from atric.engine import evaluate_checkpoint, run_name_for
 from atric.ops.experiment import log_evaluation
+from atric.ops.runlock import run_lock
 from atric.metrics import format_metrics_table
 from atric.report import write_recall_curve
 
@@ -34,11 +35,14 @@ def main() -> int:
         extra.append(f"evaluate.checkpoint={json.dumps(args.checkpoint)}")
     params = params_from_args(args, extra)
     run_name = args.run or run_name_for(params.train)
-    metrics = evaluate_checkpoint(
-        params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
-    )
-    log_evaluation(params, run_name, metrics, params.evaluate.split)
-    write_recall_curve(Path(params.train.metrics_dir), run_name, metrics)
+    # The run's lock: no evaluation reads best.pt while a training of the run rewrites it,
+    # and no two evaluations write metrics/<split>/<run>.json at once.
+    with run_lock(params.train.models_dir, run_name, "evaluate"):
+        metrics = evaluate_checkpoint(
+            params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
+        )
+        log_evaluation(params, run_name, metrics, params.evaluate.split)
+        write_recall_curve(Path(params.train.metrics_dir), run_name, metrics)
     print(
         f"{run_name} ({params.evaluate.checkpoint} checkpoint, epoch {metrics['epoch']}) on {params.evaluate.split}:"
     )

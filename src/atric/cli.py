@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from atric.config import PARAMS_FILE, Params, load_params
 from atric.errors import AtricError
+from atric.redact import install_log_redaction, redact
 
 EXIT_USER_ERROR = 2
 
@@ -59,13 +60,23 @@ def params_from_args(args: argparse.Namespace, extra: list[str] | None = None) -
 
 
 def run(main: Callable[[], int | None]) -> None:
-    """Run a stage's main; an AtricError becomes one clear line on stderr and exit code 2."""
+    """Run a stage's main; an AtricError becomes one clear line on stderr and exit code 2.
+
+    Every message is redacted (``atric.redact``): log records as they are made, the error
+    line, and the traceback of an unexpected error (still exit code 1: a bug to report).
+    """
+    install_log_redaction()
     try:
         code = main()
     except AtricError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(' '.join(str(exc).split()))}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except Exception:
+        import traceback
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        sys.exit(1)
     sys.exit(code or 0)

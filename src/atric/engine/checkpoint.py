@@ -10,19 +10,29 @@ and a rename.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
+import reprlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from atric.atomic import atomic_path
+from atric.atomic import write_bytes_atomic
 from atric.config import Params, flatten, signature_keys
 from atric.errors import CheckpointError
 
 CHECKPOINT_FORMAT = 1
+# Parts of a checkpoint that are plain data (not tensors of weights), checked with bounds on load.
+_PLAIN_PARTS = ("signature", "model_config", "max_frames", "metrics", "run_name", "params_hash")
+_HISTORY_NODES = 2_000_000  # one row of ~30 metrics per epoch: far beyond any real run
+
+_repr = reprlib.Repr()
+_repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 3, 8, 8, 8
+_repr.maxstring = _repr.maxother = 80
+reprlib_repr = _repr.repr
 
 
 def run_signature(params: Params, max_frames: dict[str, int], model_config: dict[str, Any]) -> dict[str, Any]:
@@ -46,17 +56,73 @@ def signature_hash(signature: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# Bounds on what a checkpoint's plain-data parts may hold: a crafted file with a deeply nested
+# list of shared references would otherwise cost seconds, GBs and a 100 MB message to compare.
+MAX_DEPTH = 6
+MAX_NODES = 200_000
+MAX_STRING = 10_000
+MAX_DIFFERENCE_LINES = 40
+_REPR_CHARS = 200
+
+
+def check_bounded(value: Any, where: str, *, max_nodes: int = MAX_NODES, max_depth: int = MAX_DEPTH) -> None:
+    """Raise CheckpointError unless ``value`` is plain data (str, numbers, bool, None, tensors,
+    lists/tuples/dicts of them) within ``max_depth`` levels and ``max_nodes`` visited nodes.
+
+    Shared references are visited once per reference, so the walk is bounded by ``max_nodes``
+    however the file was built.
+    """
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    nodes = 0
+    while stack:
+        item, depth = stack.pop()
+        nodes += 1
+        if nodes > max_nodes:
+            raise CheckpointError(f"{where}: holds more than {max_nodes} values (not written by atric)")
+        if depth > max_depth:
+            raise CheckpointError(f"{where}: nested deeper than {max_depth} levels (not written by atric)")
+        if isinstance(item, str):
+            if len(item) > MAX_STRING:
+                raise CheckpointError(f"{where}: holds a string of {len(item)} characters (not written by atric)")
+        elif isinstance(item, dict):
+            stack.extend((k, depth + 1) for k in item.keys())
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend((v, depth + 1) for v in item)
+        elif not (item is None or isinstance(item, (bool, int, float, torch.Tensor))):
+            raise CheckpointError(f"{where}: holds a {type(item).__name__} (not written by atric)")
+
+
+def _short(value: Any) -> str:
+    """A repr of bounded length (values are bounded by check_bounded; this bounds the message)."""
+    text = reprlib_repr(value)
+    return text if len(text) <= _REPR_CHARS else text[: _REPR_CHARS - 3] + "..."
+
+
 def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """One line per key whose value differs between two run signatures (empty: same run)."""
+    """One line per key whose value differs between two run signatures (empty: same run).
+
+    Bounded: a saved signature that is not bounded plain data is one line, and at most
+    ``MAX_DIFFERENCE_LINES`` lines of at most a few hundred characters come back.
+    """
+    if not isinstance(saved, dict):
+        return [f"signature: checkpoint holds a {type(saved).__name__}, not a mapping"]
+    try:
+        check_bounded(saved, "signature")
+    except CheckpointError as exc:
+        return [str(exc)]
     missing = object()
     lines = []
-    for key in sorted(set(saved) | set(current)):
+    keys = sorted(set(saved) | set(current), key=str)
+    for key in keys:
         old, new = saved.get(key, missing), current.get(key, missing)
         if old != new:
             lines.append(
-                f"{key}: checkpoint {'(absent)' if old is missing else repr(old)}, "
-                f"now {'(absent)' if new is missing else repr(new)}"
+                f"{_short(key) if not isinstance(key, str) else key[:_REPR_CHARS]}: checkpoint "
+                f"{'(absent)' if old is missing else _short(old)}, now {'(absent)' if new is missing else _short(new)}"
             )
+    if len(lines) > MAX_DIFFERENCE_LINES:
+        lines = [*lines[:MAX_DIFFERENCE_LINES], f"... and {len(lines) - MAX_DIFFERENCE_LINES} more keys"]
     return lines
 
 
@@ -70,12 +136,22 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise CheckpointError(f"{path}: not a readable atric checkpoint: {exc}") from exc
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an atric checkpoint (format {CHECKPOINT_FORMAT} expected)")
+    for part in _PLAIN_PARTS:
+        if part in checkpoint:
+            check_bounded(checkpoint[part], f"{path}: {part}")
+    if not isinstance(checkpoint.get("signature", {}), dict):
+        raise CheckpointError(f"{path}: signature is not a mapping (not written by atric)")
+    if "history" in checkpoint:
+        check_bounded(checkpoint["history"], f"{path}: history", max_nodes=_HISTORY_NODES, max_depth=3)
     return checkpoint
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    """Serialise in memory, then one plain write: a full disk is "no space left on ...", not
+    a torch RuntimeError, and the temp file is removed (atric.atomic)."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    write_bytes_atomic(path, buffer.getbuffer())
 
 
 def rng_state() -> dict[str, Any]:

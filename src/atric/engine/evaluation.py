@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from atric.atomic import write_json_atomic
+from atric.atomic import check_writable, write_json_atomic
 from atric.config import Params
 from atric.data import SplitData, open_split
 from atric.device import resolve_device
@@ -42,6 +42,20 @@ def evaluate_split(
     return retrieval_metrics(sim, captions_per_clip=EVAL_CAPTIONS_PER_CLIP)
 
 
+def check_experts_known(layout: Layout, experts: list[str] | tuple[str, ...], split: str = "train") -> None:
+    """ConfigError for an expert that is neither registered (``atric.features``) nor has a
+    feature file in the layout (seed-layout experts such as VGGSound come as files only)."""
+    from atric.features import EXPERTS
+
+    for expert in experts:
+        path = layout.features_path(expert, split)
+        if expert not in EXPERTS and not path.exists():
+            raise ConfigError(
+                f"unknown expert {expert!r}: not a registered audio expert ({', '.join(EXPERTS)}) "
+                f"and no feature file {path}"
+            )
+
+
 def evaluate_checkpoint(
     params: Params, run_name: str, split: str = "test", which: str = "best"
 ) -> dict[str, float]:
@@ -54,8 +68,16 @@ def evaluate_checkpoint(
         raise ConfigError(f"evaluate.checkpoint: {which!r} is not one of best, last")
     tp = params.train
     paths = RunPaths.of(tp, run_name)
+    layout = Layout(params.data.dataset, params.data.root)
+    output = evaluation_metrics_path(tp, run_name, split)
+    check_writable(output.parent)  # before minutes of work, not after
     device = resolve_device(tp.device)
-    checkpoint = load_checkpoint(paths.best if which == "best" else paths.last)
+    path = paths.best if which == "best" else paths.last
+    if not path.exists() and "-" in run_name:
+        # `--expert mfcc` asks for run mfcc-<pooling>: say the expert is unknown, not "not trained".
+        check_experts_known(layout, run_name.rsplit("-", 1)[0].split("+"), split)
+    checkpoint = load_checkpoint(path)
+    check_experts_known(layout, list(checkpoint["max_frames"]), split)
     trained_vectors = checkpoint["signature"].get("text.vectors")
     if trained_vectors != params.text.vectors:
         raise CheckpointError(
@@ -64,7 +86,7 @@ def evaluate_checkpoint(
     model = model_from_checkpoint(checkpoint).to(device)
     config = model.config()
     data = open_split(
-        Layout(params.data.dataset, params.data.root),
+        layout,
         split,
         experts=list(model.experts),
         vectors=params.text.vectors,
@@ -89,5 +111,5 @@ def evaluate_checkpoint(
     finally:
         data.close()
     out = {"epoch": int(checkpoint["epoch"]), **metrics}
-    write_json_atomic(evaluation_metrics_path(tp, run_name, split), out)
+    write_json_atomic(output, out)
     return out

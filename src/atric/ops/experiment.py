@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from atric.atomic import check_writable, remove_stale_temps
 from atric.config import Params, flatten
+from atric.data import open_split
 from atric.device import resolve_device
 from atric.embed import frames_to_batch
 from atric.engine import (
@@ -30,10 +32,13 @@ from atric.engine import (
     signature_differences,
     train,
 )
+from atric.engine.evaluation import check_experts_known
 from atric.errors import CheckpointError
-from atric.factory import model_from_checkpoint
+from atric.factory import build_model, model_from_checkpoint
+from atric.layout import Layout
 from atric.model import RetrievalModel
 from atric.ops import tracking
+from atric.ops.runlock import run_lock
 from atric.ops.storage import RetryPolicy
 
 log = logging.getLogger("atric.ops.experiment")
@@ -119,9 +124,71 @@ def train_tracked(
     nested: bool = False,
     log_model: bool = True,
 ) -> TrainResult:
-    """Train one run inside an MLflow run; artifacts: checkpoints, metrics, the model."""
+    """Train one run inside an MLflow run; artifacts: checkpoints, metrics, the model.
+
+    The run's lock (``atric.ops.runlock``) is held throughout: a second process for the same
+    run fails at once. Everything that can be refused up front (unknown expert, unwritable
+    output folders, bad data, a ``last.pt`` from other params) is refused before an MLflow run
+    exists; a run that started and then failed ends FAILED with the reason as a tag.
+    """
     run_name = run_name or run_name_for(params.train)
     paths = RunPaths.of(params.train, run_name)
+    with run_lock(params.train.models_dir, run_name, stage):
+        _remove_stale_temps(paths)
+        _preflight(params, paths, policy)
+        return _train_locked(params, run_name, paths, policy, stage, callbacks, nested, log_model)
+
+
+def _remove_stale_temps(paths: RunPaths) -> None:
+    """Temp files of this run that a killed process left (we hold the run's lock: none is live)."""
+    removed = remove_stale_temps(paths.run_dir)
+    removed += remove_stale_temps(paths.metrics.parent, names=[paths.metrics.name])
+    removed += remove_stale_temps(paths.history.parent, names=[paths.history.name])
+    for path in removed:
+        log.info("%s: removed %s, left by an interrupted write", paths.run_dir.name, path)
+
+
+def _preflight(params: Params, paths: RunPaths, policy: ResumePolicy) -> None:
+    """The engine's checks that need no training, run before any MLflow run is created."""
+    tp = params.train
+    layout = Layout(params.data.dataset, params.data.root)
+    check_experts_known(layout, tp.experts, "train")
+    for folder in dict.fromkeys((paths.run_dir, paths.metrics.parent, paths.history.parent)):
+        check_writable(folder)
+    if policy == "resume" and not paths.last.exists():
+        raise CheckpointError(f"{paths.last}: nothing to resume (no checkpoint); drop --resume to start fresh")
+    common: dict[str, Any] = {"experts": tp.experts, "vectors": params.text.vectors, "cache_in_ram": "no"}
+    train_data = open_split(layout, "train", max_frames=tp.max_frames, **common)
+    try:
+        val_data = open_split(
+            layout, "val", max_frames=train_data.max_frames, expert_dims=train_data.expert_dims, **common
+        )
+        val_data.close()
+        # pipeline: _apply_pipeline_policy sets a different last.pt aside; restart discards it.
+        if policy in ("auto", "resume") and paths.last.exists():
+            checkpoint = load_checkpoint(paths.last)
+            config = build_model(tp, train_data.expert_dims, train_data.text_dim).config()
+            current = run_signature(params, train_data.max_frames, config)
+            differences = signature_differences(checkpoint.get("signature", {}), current)
+            if differences:
+                raise CheckpointError(
+                    f"{paths.last} was trained with different settings: " + "; ".join(differences)
+                    + "; restore those params to continue it, or pass --restart to discard it and start over"
+                )
+    finally:
+        train_data.close()
+
+
+def _train_locked(
+    params: Params,
+    run_name: str,
+    paths: RunPaths,
+    policy: ResumePolicy,
+    stage: str,
+    callbacks: Sequence[Any],
+    nested: bool,
+    log_model: bool,
+) -> TrainResult:
     resume, restart = policy == "resume", policy == "restart"
     if policy == "pipeline":
         if not _apply_pipeline_policy(params, paths):
@@ -183,7 +250,7 @@ def _log_run_metrics(run_id: str, result: TrainResult, metrics_logger: tracking.
         raise tracking.TrackingError(
             f"{result.run_name}: the run finished locally (checkpoints in {run_dir}, metrics in "
             f"{result.paths.metrics} and {result.paths.history}), but its metrics could not be logged "
-            f"to MLflow at {tracking.tracking_uri()}{epochs}: {tracking.describe(exc)}. Run the same "
+            f"to MLflow at {tracking.display_uri()}{epochs}: {tracking.describe(exc)}. Run the same "
             "command again once MLflow is back: it logs them (training is not repeated)"
         ) from exc
 
@@ -226,7 +293,7 @@ def _log_artifacts(paths: RunPaths, run_id: str | None = None, *, log_model: boo
                 names = ", ".join(f"{n} ({p})" for n, p, _ in uploads)
                 raise tracking.TrackingError(
                     f"{paths.run_dir.name}: {len(uploads)} artifact upload(s) to MLflow at "
-                    f"{tracking.tracking_uri()} failed after {failures} attempts: {tracking.describe(exc)}. "
+                    f"{tracking.display_uri()} failed after {failures} attempts: {tracking.describe(exc)}. "
                     f"Nothing is lost: these files are safe on local disk: {names}. Run the same command "
                     "again (without --restart) once the server and its artifact store are back: it "
                     "uploads them to the same MLflow run (training is not repeated)"
@@ -234,7 +301,7 @@ def _log_artifacts(paths: RunPaths, run_id: str | None = None, *, log_model: boo
             pause = policy.delay(failures)
             log.warning(
                 "%s: upload of %s to MLflow at %s failed (%s); the file stays on local disk; retry %d/%d in %.1fs",
-                paths.run_dir.name, name, tracking.tracking_uri(), tracking.describe(exc),
+                paths.run_dir.name, name, tracking.display_uri(), tracking.describe(exc),
                 failures, policy.attempts - 1, pause,
             )  # fmt: skip
             time.sleep(pause)

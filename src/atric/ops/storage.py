@@ -27,6 +27,7 @@ from urllib.parse import urlparse
 
 from atric.atomic import atomic_path
 from atric.errors import AtricError
+from atric.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -191,11 +192,12 @@ def _with_retries(
             return fn()
         except (BotoCoreError, ClientError, Boto3Error) as exc:
             permanent, cause = _classify(exc)
+            cause = redact(cause)  # botocore puts the endpoint URL (maybe with a password) in its text
             if permanent:
                 raise StorageError(f"{action} {url} failed: {_explain_not_found(s3, bucket, cause)}") from exc
             if attempt == policy.attempts:
                 raise StorageError(
-                    f"{action} {url} failed after {attempt} attempts: {cause} (endpoint {endpoint_url() or 'AWS'})"
+                    f"{action} {url} failed after {attempt} attempts: {cause} (endpoint {redact(endpoint_url() or 'AWS')})"
                 ) from exc
             pause = policy.delay(attempt)
             log.warning("%s %s: %s; retry %d/%d in %.1fs", action, url, cause, attempt, policy.attempts - 1, pause)

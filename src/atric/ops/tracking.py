@@ -19,6 +19,7 @@ from typing import Any
 
 from atric.atomic import write_text_atomic
 from atric.errors import AtricError
+from atric.redact import redact
 
 MLRUNS_DIR = Path("mlruns")
 DEFAULT_TRACKING_URI = f"sqlite:///{MLRUNS_DIR}/mlflow.db"
@@ -26,6 +27,7 @@ ARTIFACTS_DIR = MLRUNS_DIR / "artifacts"
 CHAMPION_ALIAS = "champion"
 RUN_ID_FILE = "mlflow_run.json"  # beside the checkpoints: lets a resumed run log to the same MLflow run
 RUN_NAME_TAG = "atric.run_name"
+FAILURE_TAG = "atric.failure"  # why a run ended FAILED/KILLED: one line, secrets redacted
 # Beside the checkpoints while a run finished training but not its MLflow logging: the
 # pipeline policy then keeps the finished last.pt so that a rerun only completes the logging.
 TRACKING_PENDING_FILE = "mlflow_pending.json"
@@ -43,6 +45,11 @@ class TrackingError(AtricError):
 
 def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+
+
+def display_uri() -> str:
+    """The tracking URI for messages and logs: its password masked (``atric.redact``)."""
+    return redact(tracking_uri())
 
 
 def configure() -> str:
@@ -78,7 +85,7 @@ def experiment_id(name: str) -> str:
             name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
         )
     except MlflowException as exc:
-        raise TrackingError(f"MLflow at {tracking_uri()}: {exc.message}") from exc
+        raise TrackingError(f"MLflow at {display_uri()}: {exc.message}") from exc
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -96,7 +103,7 @@ def describe(exc: BaseException) -> str:
     from mlflow.exceptions import MlflowException
 
     text = exc.message if isinstance(exc, MlflowException) else f"{type(exc).__name__}: {exc}"
-    return " ".join(str(text).split())[:500]
+    return redact(" ".join(str(text).split()))[:500]
 
 
 def mark_pending(run_dir: Path, run_id: str | None, reason: str) -> None:
@@ -172,7 +179,7 @@ def tracked_run(
                 run_id = None  # a finished run is history; a new training run gets a new MLflow run
         except MlflowException:
             run_id = None
-    all_tags = {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **tags}
+    all_tags = {k: redact(v) for k, v in {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **tags}.items()}
     try:
         active = mlflow.start_run(
             run_id=run_id,
@@ -182,26 +189,40 @@ def tracked_run(
             nested=nested,
         )
     except MlflowException as exc:
-        raise TrackingError(f"MLflow at {tracking_uri()}: cannot start run {run_name!r}: {exc.message}") from exc
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(run_dir / RUN_ID_FILE, json.dumps({"run_id": active.info.run_id}) + "\n")
-    status, failed = "FAILED", False
+        raise TrackingError(f"MLflow at {display_uri()}: cannot start run {run_name!r}: {exc.message}") from exc
+    status, failed, reason = "FAILED", False, ""
     try:
         with _terminate_as_interrupt():
+            # Inside the try: a run-id file that cannot be written ends the run FAILED, not RUNNING.
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(run_dir / RUN_ID_FILE, json.dumps({"run_id": active.info.run_id}) + "\n")
             if run_id is None:
                 mlflow.log_params({k: _param_value(v) for k, v in params.items()})
             else:
                 mlflow.set_tag("resumed", "true")
             yield active
         status = "FINISHED"
-    except KeyboardInterrupt:
-        status, failed = "KILLED", True
+    except KeyboardInterrupt as exc:
+        status, failed, reason = "KILLED", True, f"interrupted ({exc or 'Ctrl-C'})"
         raise
-    except BaseException:
-        failed = True
+    except BaseException as exc:
+        failed, reason = True, f"{type(exc).__name__}: {exc}"
         raise
     finally:
+        if failed:
+            _tag_failure(active.info.run_id, reason)
         _end_run(active.info.run_id, run_name, run_dir, status, failed)
+
+
+def _tag_failure(run_id: str, reason: str) -> None:
+    """Record why the run stopped (first line, redacted); MLflow being down must not mask the error."""
+    from mlflow import MlflowClient
+
+    line = redact(" ".join(reason.split()))[:5000]
+    try:
+        MlflowClient().set_tag(run_id, FAILURE_TAG, line)
+    except Exception as exc:  # the reason is on stderr anyway
+        log.warning("cannot tag MLflow run %s with its failure reason: %s", run_id, describe(exc))
 
 
 def _end_run(run_id: str, run_name: str, run_dir: Path, status: str, failed: bool) -> None:
@@ -221,20 +242,20 @@ def _end_run(run_id: str, run_name: str, run_dir: Path, status: str, failed: boo
         if failed:
             log.warning(
                 "%s: cannot mark MLflow run %s %s at %s (%s); it stays RUNNING until the command runs again",
-                run_name, run_id, status, tracking_uri(), describe(exc),
+                run_name, run_id, status, display_uri(), describe(exc),
             )  # fmt: skip
             return
         mark_pending(run_dir, run_id, f"end_run: {describe(exc)}")
         raise TrackingError(
             f"{run_name}: the run finished locally (checkpoints and metrics in {run_dir}), but MLflow at "
-            f"{tracking_uri()} could not mark run {run_id} FINISHED ({describe(exc)}); run the same "
+            f"{display_uri()} could not mark run {run_id} FINISHED ({describe(exc)}); run the same "
             "command again to complete it (training is not repeated)"
         ) from exc
 
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
-    return text[:6000]  # MLflow's limit on a param value
+    return redact(text)[:6000]  # MLflow's limit on a param value
 
 
 class EpochMetricsLogger:
@@ -278,14 +299,14 @@ class EpochMetricsLogger:
                     self._outage = True
                     log.warning(
                         "MLflow at %s unreachable (%s): training goes on; per-epoch metrics are kept "
-                        "and sent when it answers again", tracking_uri(), describe(exc),
+                        "and sent when it answers again", display_uri(), describe(exc),
                     )  # fmt: skip
                 return False
             del self.pending[: len(batch)]
             self.logged_steps.update(m.step for m in batch)
         if self._outage:
             self._outage = False
-            log.warning("MLflow at %s reachable again: buffered metrics logged", tracking_uri())
+            log.warning("MLflow at %s reachable again: buffered metrics logged", display_uri())
         self.last_error = None
         return True
 

