@@ -190,3 +190,31 @@ def test_ranger_is_the_originals_its_first_steps_descend() -> None:
         values.append(x.item())
     assert values == pytest.approx([0.80, 0.621, 0.460, 0.319, 0.194], abs=2e-3)
     assert all(b < a for a, b in zip([1.0, *values], values, strict=False))
+
+
+def test_noam_schedule_warms_up_to_lr_then_decays_per_step() -> None:
+    from atric.config import TrainParams
+    from atric.factory import build_optimizer, build_scheduler, scheduler_steps_per_batch
+
+    train = TrainParams(optimizer="adamw", lr=0.01, scheduler="noam", warmup_steps=4)
+    model = torch.nn.Linear(2, 2)
+    optimizer = build_optimizer(train, model, torch.nn.Identity())
+    scheduler = build_scheduler(train, optimizer)
+    assert scheduler_steps_per_batch(train) and not scheduler_steps_per_batch(TrainParams())
+    lrs = []
+    for _ in range(16):
+        optimizer.step()
+        scheduler.step()
+        lrs.append(optimizer.param_groups[0]["lr"])
+    assert lrs[:4] == pytest.approx([0.005, 0.0075, 0.01, 0.01 * (4 / 5) ** 0.5])
+    assert max(lrs) == pytest.approx(0.01) and lrs[-1] == pytest.approx(0.01 * (4 / 17) ** 0.5)
+
+
+def test_seqtransf_with_noam_trains_and_resumes_exactly(data_root: Path, tmp_path: Path) -> None:
+    settings = {"epochs": 3, "pooling": "seqtransf", "transformer_width": 8, "transformer_heads": 2,
+                "scheduler": "noam", "warmup_steps": 5, "optimizer": "adamw"}
+    full = engine.train(make_params(data_root, tmp_path / "full", **settings))
+    assert [row["lr"] for row in full.history] != [full.history[0]["lr"]] * 3  # stepped per batch
+    engine.train(make_params(data_root, tmp_path / "cut", **{**settings, "epochs": 1}))
+    resumed = engine.train(make_params(data_root, tmp_path / "cut", **settings))
+    assert resumed.resumed_from == 1 and resumed.history == full.history

@@ -19,7 +19,7 @@ FRAMES = 9  # padded length, longer than every clip
 
 def make_pooling(name: str, dim: int = DIM, **overrides: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    kwargs = {"clusters": 3, "ghost_clusters": 1, "lstm_hidden": 5, **overrides}
+    kwargs = {"clusters": 3, "ghost_clusters": 1, "lstm_hidden": 5, "transformer_width": 8, "transformer_heads": 2, **overrides}
     return build_pooling(name, dim, **kwargs)
 
 
@@ -90,7 +90,7 @@ def test_real_frames_anywhere_in_the_mask(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("name", "expected"),
-    [("mean", DIM), ("max", DIM), ("lstm", 5), ("netvlad", 3 * DIM), ("netrvlad", 3 * DIM)],
+    [("mean", DIM), ("max", DIM), ("lstm", 5), ("netvlad", 3 * DIM), ("netrvlad", 3 * DIM), ("seqtransf", 8)],
 )
 def test_output_dims(name: str, expected: int) -> None:
     pooling = make_pooling(name).eval()
@@ -323,3 +323,13 @@ def test_model_errors() -> None:
     model = RetrievalModel(**model_kwargs({"vggish": 6}, "uniform"))
     with pytest.raises(DataError, match="missing"):
         model.encode_audio({"logmel": audio_batch({"logmel": 6}, 2)["logmel"]})
+
+
+@pytest.mark.parametrize(("name", "order_sensitive"), [("mean", False), ("max", False), ("lstm", True), ("seqtransf", True)])
+def test_temporal_poolings_see_the_order_of_frames(name: str, order_sensitive: bool) -> None:
+    pooling = make_pooling(name).eval()
+    clip = torch.randn(1, 7, DIM)
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    with torch.no_grad():
+        forward, backward = pooling(clip, mask), pooling(clip.flip(1), mask)
+    assert (not torch.allclose(forward, backward, atol=1e-4)) == order_sensitive

@@ -151,12 +151,13 @@ class TextParams(Section):
 # dvc.yaml's train params and the run signature are derived from these (tests/test_config.py
 # checks dvc.yaml against ``train_dvc_params()``).
 Role = Literal["result", "run", "schedule", "runtime"]
-PoolingName = Literal["mean", "max", "lstm", "netvlad", "netrvlad"]
+PoolingName = Literal["mean", "max", "lstm", "netvlad", "netrvlad", "seqtransf"]
 LossName = Literal["max_margin", "infonce"]
 FusionName = Literal["uniform", "text_weighted"]
 OptimizerName = Literal["ranger", "adamw"]
 PrecisionName = Literal["fp32", "bf16", "fp16"]
 SamplingName = Literal["clip", "pairs"]
+SchedulerName = Literal["step", "noam"]
 
 
 def _role(role: Role, default: Any, **kwargs: Any) -> Any:
@@ -174,6 +175,8 @@ class TrainParams(Section):
     text_clusters: int = _role("result", 20, ge=1)
     ghost_clusters: int = _role("result", 0, ge=0)
     lstm_hidden: int = _role("result", 128, ge=1)  # the paper: 2048; CPU LSTMs are slow
+    transformer_width: int = _role("result", 512, ge=2)  # seqtransf, as the original's code
+    transformer_heads: int = _role("result", 4, ge=1)
     fusion: FusionName = _role("result", "uniform")
     loss: LossName = _role("result", "max_margin")
     margin: float = _role("result", 0.2, ge=0)
@@ -182,6 +185,10 @@ class TrainParams(Section):
     lr: float = _role("result", 0.01, gt=0)
     weight_decay: float = _role("result", 1e-3, ge=0)
     lr_step_gamma: float = _role("result", 0.95, gt=0, le=1)
+    # step: StepLR (lr_step_gamma each epoch, the paper); noam: linear warm-up over warmup_steps
+    # optimiser steps, then decay as 1/sqrt(step), peaking at lr (the original's seqTransf runs)
+    scheduler: SchedulerName = _role("result", "step")
+    warmup_steps: int = _role("result", 100, ge=1)
     epochs: int = _role("schedule", 12, ge=1)  # the paper: 20
     batch_size: int = _role("result", 128, ge=2)
     seed: int = _role("result", 0)
@@ -205,6 +212,14 @@ class TrainParams(Section):
     def _yaml_yes_no(cls, value: Any) -> Any:
         # YAML 1.1 reads an unquoted yes/no as a boolean: accept the documented spelling as written.
         return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "TrainParams":
+        if self.transformer_width % self.transformer_heads:
+            raise ValueError(
+                f"transformer_width {self.transformer_width} is not a multiple of transformer_heads {self.transformer_heads}"
+            )
+        return self
 
     @field_validator("experts")
     @classmethod

@@ -29,6 +29,8 @@ def build_model(train: TrainParams, expert_dims: dict[str, int], text_dim: int) 
         ghost_clusters=train.ghost_clusters,
         lstm_hidden=train.lstm_hidden,
         fusion=train.fusion,
+        transformer_width=train.transformer_width,
+        transformer_heads=train.transformer_heads,
     )
 
 
@@ -65,5 +67,18 @@ def build_optimizer(train: TrainParams, model: nn.Module, loss: nn.Module) -> to
 
 
 def build_scheduler(train: TrainParams, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
-    """StepLR stepped once an epoch, as the original."""
+    """``step``: StepLR stepped once an epoch (the paper). ``noam``: stepped once per optimiser
+    step (``scheduler_steps_per_batch``), the Noam warm-up normalised to peak at ``train.lr``."""
+    if train.scheduler == "noam":
+        warmup = train.warmup_steps
+
+        def noam(done: int) -> float:  # the factor for optimiser step done + 1
+            step = done + 1
+            return min(step / warmup, (warmup / step) ** 0.5)
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, noam)
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=train.lr_step_gamma)
+
+
+def scheduler_steps_per_batch(train: TrainParams) -> bool:
+    return train.scheduler == "noam"

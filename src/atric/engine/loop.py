@@ -49,7 +49,7 @@ from atric.engine.checkpoint import (
 from atric.engine.evaluation import evaluate_split
 from atric.engine.runs import SELECTION_METRIC, RunPaths, run_name_for
 from atric.errors import AtricError, CheckpointError, ConfigError, DataError
-from atric.factory import build_loss, build_model, build_optimizer, build_scheduler
+from atric.factory import build_loss, build_model, build_optimizer, build_scheduler, scheduler_steps_per_batch
 from atric.layout import Layout
 from atric.losses import merge_caption_similarities
 from atric.model import RetrievalModel
@@ -133,6 +133,7 @@ def train_epoch(
     last_path: Path,
     max_steps: int | None = None,
     merge_captions: bool = False,
+    batch_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
 ) -> tuple[float, float, float, int]:
     """One pass over the training pairs (or its first ``max_steps`` batches: the benchmark's
     measurement); returns (mean loss, seconds, data-wait seconds, clips)."""
@@ -185,6 +186,8 @@ def train_epoch(
             else:
                 loss.backward()
                 optimizer.step()
+            if batch_scheduler is not None:
+                batch_scheduler.step()
             total += loss.detach()
             steps += 1
             clips += n_clips
@@ -301,6 +304,7 @@ def _fit(
     loss_fn.to(device)
     optimizer = build_optimizer(tp, model, loss_fn)
     scheduler = build_scheduler(tp, optimizer)
+    per_batch = scheduler_steps_per_batch(tp)
     precision = Precision.create(tp.precision, device)
     signature = run_signature(params, train_data.max_frames, model.config())
 
@@ -376,8 +380,10 @@ def _fit(
             run_name=run_name,
             last_path=paths.last,
             merge_captions=tp.sampling == "clip",
+            batch_scheduler=scheduler if per_batch else None,
         )
-        scheduler.step()
+        if not per_batch:
+            scheduler.step()
         metrics = evaluate_split(
             model,
             val_data,

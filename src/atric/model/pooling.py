@@ -107,6 +107,49 @@ class LSTMPooling(nn.Module):
         return pooled * (lengths > 0).unsqueeze(-1).to(pooled.dtype)
 
 
+def _sinusoid(frames: int, width: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """[frames, width] fixed sine/cosine position codes (any length, no learned table)."""
+    position = torch.arange(frames, device=device, dtype=torch.float32).unsqueeze(1)
+    rate = torch.exp(torch.arange(0, width, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / width))
+    codes = torch.zeros(frames, width, device=device)
+    codes[:, 0::2] = torch.sin(position * rate)
+    codes[:, 1::2] = torch.cos(position * rate[: width // 2])
+    return codes.to(dtype)
+
+
+class SeqTransfPooling(nn.Module):
+    """The original code's sixth pooling (``seqTransf``; the paper does not report it): a
+    one-layer transformer encoder over the frames, masked, then the mean over real frames.
+
+    Real frames are moved to the front of each row (in order) so position codes count real
+    frames only; padded keys are masked out of attention, so padding cannot change the output.
+    """
+
+    def __init__(self, input_dim: int, width: int, heads: int) -> None:
+        super().__init__()
+        if width < 2 or heads < 1 or width % heads:
+            raise ConfigError(f"seqtransf: transformer_width {width} must be >= 2 and a multiple of transformer_heads {heads}")
+        self.input_dim = input_dim
+        self.output_dim = width
+        self.project = nn.Linear(input_dim, width)
+        # No dropout: padding must never change the output, in training mode too (tested per pooling).
+        layer = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = _check_inputs(x, mask, self.input_dim)
+        batch, frames, dim = x.shape
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+        x = x.gather(1, order.unsqueeze(-1).expand(batch, frames, dim))
+        lengths = mask.sum(dim=1)
+        real = torch.arange(frames, device=x.device).unsqueeze(0) < lengths.clamp(min=1).unsqueeze(1)
+        h = self.project(x) + _sinusoid(frames, self.output_dim, x.device, x.dtype)
+        out = self.encoder(h, src_key_padding_mask=~real)
+        out = out.masked_fill(~real.unsqueeze(-1), 0.0)
+        pooled = out.sum(dim=1) / real.sum(dim=1, keepdim=True).to(out.dtype)
+        return pooled * (lengths > 0).unsqueeze(-1).to(pooled.dtype)
+
+
 class NetVLADPooling(nn.Module):
     """NetVLAD (with_centres=True) or NetRVLAD (False) over the real frames.
 
@@ -157,6 +200,8 @@ def build_pooling(
     clusters: int,
     ghost_clusters: int,
     lstm_hidden: int,
+    transformer_width: int = 0,
+    transformer_heads: int = 0,
 ) -> nn.Module:
     """Build a pooling by name; the module maps (x [B,T,D], mask [B,T]) -> [B, output_dim]."""
     if input_dim < 1:
@@ -171,4 +216,6 @@ def build_pooling(
         return NetVLADPooling(input_dim, clusters, ghost_clusters, with_centres=True)
     if name == "netrvlad":
         return NetVLADPooling(input_dim, clusters, ghost_clusters, with_centres=False)
+    if name == "seqtransf":
+        return SeqTransfPooling(input_dim, transformer_width, transformer_heads)
     raise ConfigError(f"unknown pooling {name!r}; valid poolings: {', '.join(POOLINGS)}")

@@ -42,6 +42,8 @@ class RetrievalModel(nn.Module):
         ghost_clusters: int,
         lstm_hidden: int,
         fusion: str,
+        transformer_width: int = 0,
+        transformer_heads: int = 0,
     ) -> None:
         super().__init__()
         if not expert_dims:
@@ -75,6 +77,10 @@ class RetrievalModel(nn.Module):
             "lstm_hidden": int(lstm_hidden),
             "fusion": fusion,
         }
+        # Only a seqtransf pooling has these: older checkpoints without them still load.
+        if "seqtransf" in (audio_pooling, text_pooling):
+            self._config.update(transformer_width=int(transformer_width), transformer_heads=int(transformer_heads))
+        shapes = {"transformer_width": transformer_width, "transformer_heads": transformer_heads}
         self.embed_dim = int(embed_dim)
         self.fusion = fusion
 
@@ -85,6 +91,7 @@ class RetrievalModel(nn.Module):
                 clusters=audio_clusters,
                 ghost_clusters=ghost_clusters,
                 lstm_hidden=lstm_hidden,
+                **shapes,
             )
             for name in self.experts
         )
@@ -92,7 +99,8 @@ class RetrievalModel(nn.Module):
             GatedEmbeddingUnit(pool.output_dim, embed_dim) for pool in self.audio_poolings
         )
         self.text_pooling = build_pooling(
-            text_pooling, text_dim, clusters=text_clusters, ghost_clusters=ghost_clusters, lstm_hidden=lstm_hidden
+            text_pooling, text_dim, clusters=text_clusters, ghost_clusters=ghost_clusters, lstm_hidden=lstm_hidden,
+            **shapes,
         )
         self.text_units = nn.ModuleList(
             GatedEmbeddingUnit(self.text_pooling.output_dim, embed_dim) for _ in self.experts
@@ -101,7 +109,7 @@ class RetrievalModel(nn.Module):
         self.fusion_head = nn.Linear(self.text_pooling.output_dim, len(self.experts)) if fusion == "text_weighted" else None
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "RetrievalModel":
+    def from_config(cls, config: dict[str, Any]) -> RetrievalModel:
         """Rebuild a model from ``config()`` output (e.g. stored in a checkpoint)."""
         try:
             kwargs = dict(config)
