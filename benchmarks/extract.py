@@ -3,9 +3,9 @@
     python benchmarks/extract.py [--clips 40] [--seconds 7] [--experts logmel aisfx ...]
 
 Prints JSON. logmel, aisfx and yamnet use their real settings (aisfx and yamnet: the
-pretrained weights their packages ship); panns_cnn10, panns_cnn14 and vggish have no public weights here, so they run
-with random weights saved to a temp checkpoint (marked "random_weights": true): same
-architecture and cost. "real_time_factor" is wall clock; on a shared machine
+pretrained weights their packages ship); panns_cnn10, panns_cnn14 and vggish have no
+public weights here, so they run with random weights saved to a temp checkpoint (marked
+"random_weights": true): same architecture and cost. "real_time_factor" is wall clock; on a shared machine
 "real_time_factor_if_cores_were_free" (from CPU time) says what the cores themselves can do.
 Each expert is warmed up on one clip first (librosa/numba and
 torch start-up is not per-clip cost). Peak RSS is the process's maximum so far

@@ -78,7 +78,11 @@ def compare(tf_python: str) -> dict:
         ours_scores = expert.scores(clip)
         ours_mel = log_mel(pad_waveform(clip, expert.patch_hop * 160), expert._mel, LOG_OFFSET)
         theirs = {k: reference[f"{name}/{k}"] for k in ("embeddings", "scores", "log_mel")}
-        assert ours_emb.shape == theirs["embeddings"].shape, (name, ours_emb.shape, theirs["embeddings"].shape)
+        assert ours_emb.shape == theirs["embeddings"].shape, (
+            name,
+            ours_emb.shape,
+            theirs["embeddings"].shape,
+        )
         report[name] = {
             "seconds": round(clip.size / 16000, 3),
             "patches": int(ours_emb.shape[0]),
@@ -86,7 +90,7 @@ def compare(tf_python: str) -> dict:
             "embeddings_max_abs_value": float(np.abs(theirs["embeddings"]).max()),
             "scores_max_abs_diff": float(np.abs(ours_scores - theirs["scores"]).max()),
             "log_mel_max_abs_diff": float(np.abs(ours_mel - theirs["log_mel"]).max()),
-            "top_class_agrees": bool((ours_scores.mean(0).argmax() == theirs["scores"].mean(0).argmax())),
+            "top_class_agrees": bool(ours_scores.mean(0).argmax() == theirs["scores"].mean(0).argmax()),
         }
     worst = max(r["embeddings_max_abs_diff"] for r in report.values())
     return {
@@ -99,7 +103,9 @@ def compare(tf_python: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tf-python", default="/tmp/tfvenv/bin/python", help="python of a venv with TensorFlow")
+    parser.add_argument(
+        "--tf-python", default="/tmp/tfvenv/bin/python", help="python of a venv with TensorFlow"
+    )
     parser.add_argument("--tf-worker", nargs=3, metavar=("MODEL_DIR", "IN", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tf_worker:

@@ -19,12 +19,18 @@ from atric.features.weights import DEFAULT_TIMEOUT, SOURCES, fetch
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("name", choices=sorted(SOURCES), help="the expert whose weights to download")
     parser.add_argument("--dest", help="where to write (default: features.<name>.checkpoint in params.yaml)")
     parser.add_argument("--sha256", help="also require this sha256 of the file")
-    parser.add_argument("--url", help="download from this mirror instead (the published checksum still applies)")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds without data before failing")
+    parser.add_argument(
+        "--url", help="download from this mirror instead (the published checksum still applies)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds without data before failing"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_params_arguments(parser)
     args = parser.parse_args()
@@ -34,13 +40,19 @@ def main() -> int:
         if not dest:
             raise ConfigError(f"features.{args.name}.checkpoint: not set in {args.params}; pass --dest")
     result = fetch(
-        args.name, Path(dest), url=args.url, sha256=args.sha256, timeout=args.timeout, progress=not args.no_progress
+        args.name,
+        Path(dest),
+        url=args.url,
+        sha256=args.sha256,
+        timeout=args.timeout,
+        progress=not args.no_progress,
     )
     if result.downloaded_bytes == 0:
         print(f"{result.path}: already in place and verified (sha256 {result.sha256})")
     else:
         resumed = f", resumed after {result.resumed_from} bytes" if result.resumed_from else ""
-        print(f"{result.path}: downloaded and verified ({result.downloaded_bytes} bytes{resumed}; sha256 {result.sha256})")
+        size = f"{result.downloaded_bytes} bytes{resumed}"
+        print(f"{result.path}: downloaded and verified ({size}; sha256 {result.sha256})")
     return 0
 
 

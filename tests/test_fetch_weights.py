@@ -79,7 +79,9 @@ def server() -> Iterator[_Server]:
 def fixture_source(monkeypatch: pytest.MonkeyPatch) -> str:
     name = "fixture"
     monkeypatch.setitem(
-        weights.SOURCES, name, Source("unused", md5=hashlib.md5(PAYLOAD).hexdigest(), checksum_source="the test")
+        weights.SOURCES,
+        name,
+        Source("unused", md5=hashlib.md5(PAYLOAD).hexdigest(), checksum_source="the test"),
     )
     return name
 
@@ -117,13 +119,19 @@ def test_wrong_checksum_is_refused(
     tmp_path: Path, server: _Server, fixture_source: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     dest = tmp_path / "weights.pth"
-    monkeypatch.setitem(weights.SOURCES, fixture_source, Source("unused", md5="0" * 32, checksum_source="the test"))
-    with pytest.raises(CheckpointError, match=r"does not verify \(md5 .* != 0{32} published by the test\); nothing kept"):
+    monkeypatch.setitem(
+        weights.SOURCES, fixture_source, Source("unused", md5="0" * 32, checksum_source="the test")
+    )
+    with pytest.raises(
+        CheckpointError, match=r"does not verify \(md5 .* != 0{32} published by the test\); nothing kept"
+    ):
         fetch(fixture_source, dest, url=url(server), progress=False)
     assert list(tmp_path.iterdir()) == []
     # The publisher's md5 matches but the user's sha256 does not.
     monkeypatch.setitem(
-        weights.SOURCES, fixture_source, Source("unused", md5=hashlib.md5(PAYLOAD).hexdigest(), checksum_source="t")
+        weights.SOURCES,
+        fixture_source,
+        Source("unused", md5=hashlib.md5(PAYLOAD).hexdigest(), checksum_source="t"),
     )
     with pytest.raises(CheckpointError, match="!= --sha256 " + "a" * 64):
         fetch(fixture_source, dest, url=url(server), sha256="a" * 64, progress=False)
@@ -150,7 +158,7 @@ def test_offline_fails_fast_with_a_one_line_hint(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "src/fetch_weights.py", "panns_cnn14", "--dest", str(dest), "--url",
          f"http://127.0.0.1:{port}/Cnn14.pth", "--timeout", "3"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
@@ -164,7 +172,7 @@ def test_default_destination_is_the_params_checkpoint(tmp_path: Path, server: _S
     proc = subprocess.run(
         [sys.executable, "src/fetch_weights.py", "panns_cnn10", "--no-progress", "--url", url(server),
          "--set", f"features.panns_cnn10.checkpoint={dest}"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     # The fixture is not Cnn10's file: refused by the Zenodo md5, at the params path.
     assert proc.returncode == 2 and f"error: {dest}: downloaded file does not verify" in proc.stderr

@@ -124,9 +124,16 @@ def test_panns_cnn10_follows_official_naming(official_cnn14) -> None:
     official, _ = official_cnn14
     shapes14 = {k: tuple(v.shape) for k, v in official.state_dict().items()}
     expected = {
-        k: s for k, s in shapes14.items() if not k.startswith(("conv_block5.", "conv_block6.", "fc1.", "fc_audioset."))
+        k: s
+        for k, s in shapes14.items()
+        if not k.startswith(("conv_block5.", "conv_block6.", "fc1.", "fc_audioset."))
     }
-    expected |= {"fc1.weight": (512, 512), "fc1.bias": (512,), "fc_audioset.weight": (527, 512), "fc_audioset.bias": (527,)}
+    expected |= {
+        "fc1.weight": (512, 512),
+        "fc1.bias": (512,),
+        "fc_audioset.weight": (527, 512),
+        "fc_audioset.bias": (527,),
+    }
     with torch.device("meta"):
         cnn10 = PannsCnn(PannsCnn10.channels)
         cnn14 = PannsCnn(PannsCnn14.channels)
@@ -144,7 +151,9 @@ def test_panns_checkpoint_problems_are_named(tmp_path: Path, official_cnn14) -> 
     with pytest.raises(CheckpointError, match=f"{truncated}: not a readable torch checkpoint"):
         build_expert("panns_cnn14", {"checkpoint": str(truncated)})
     # The official CNN14 file given to CNN10: extra blocks and a wider fc1, first few listed.
-    with pytest.raises(CheckpointError, match=r"unexpected: conv_block5.*wrong shape: fc1.weight \(file \(2048, 2048\)"):
+    with pytest.raises(
+        CheckpointError, match=r"unexpected: conv_block5.*wrong shape: fc1.weight \(file \(2048, 2048\)"
+    ):
         build_expert("panns_cnn10", {"checkpoint": str(path)})
 
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from test_parity import load_module_by_path, package_dir
 
 from atric.errors import CheckpointError, ConfigError
 from atric.features import build_expert
 from atric.features.yamnet import Yamnet, YamnetNet, class_names, wheel_files
-from test_parity import load_module_by_path, package_dir
 
 BELLS = ("Bell", "Bicycle bell", "Church bell", "Jingle bell", "Cowbell", "Tubular bells", "Doorbell",
          "Telephone bell ringing")  # fmt: skip
@@ -116,7 +116,10 @@ def test_port_matches_torch_vggish_yamnet(yamnet: Yamnet, recording) -> None:
         for key in ("bias", "running_mean", "running_var"):
             theirs[f"{prefix}.bn.{key}"] = ours[f"layers.{i}.bn.{key}"]
         theirs[f"{prefix}.bn.num_batches_tracked"] = torch.tensor(0)
-    theirs["classifier.weight"], theirs["classifier.bias"] = ours["classifier.weight"], ours["classifier.bias"]
+    theirs["classifier.weight"], theirs["classifier.bias"] = (
+        ours["classifier.weight"],
+        ours["classifier.bias"],
+    )
     model.load_state_dict(theirs, strict=True)
     patches = yamnet.patches(recording[0][: 16000 * 12])
     with torch.inference_mode():

@@ -189,9 +189,7 @@ def read_bundle(prefix: str | Path, names: list[str] | None = None) -> dict[str,
         names = [n for n, e in entries.items() if e.dtype in DTYPES]
     missing = [n for n in names if n not in entries]
     if missing:
-        raise CheckpointError(
-            f"{index_path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}"
-        )
+        raise CheckpointError(f"{index_path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
     blob = data_path.read_bytes()
     tensors: dict[str, np.ndarray] = {}
     for name in names:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import http.client
 import os
-import socket
 import sys
 import urllib.error
 import urllib.request
@@ -135,7 +134,9 @@ def fetch(
         response = urllib.request.urlopen(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
         if exc.code != 416 or not resumed:  # 416: the partial file already holds every byte
-            raise CheckpointError(f"{dest}: download of {url} failed: HTTP {exc.code} {exc.reason}; {by_hand}") from exc
+            raise CheckpointError(
+                f"{dest}: download of {url} failed: HTTP {exc.code} {exc.reason}; {by_hand}"
+            ) from exc
     except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
         reason = getattr(exc, "reason", exc)
         raise CheckpointError(f"{dest}: cannot download {url} ({reason}); {by_hand}") from exc
@@ -159,7 +160,7 @@ def fetch(
                         digest.update(chunk)
                         downloaded += len(chunk)
                         bar.update(len(chunk))
-            except (OSError, http.client.HTTPException, socket.timeout) as exc:
+            except (TimeoutError, OSError, http.client.HTTPException) as exc:
                 raise CheckpointError(
                     f"{dest}: download interrupted after {resumed + downloaded} bytes ({exc}); "
                     f"rerun to resume from {part}"

@@ -42,11 +42,10 @@ from atric.features.base import (
     sha256_file,
 )
 from atric.features.tf_bundle import read_bundle
-from atric.features.vggish import HOP, PATCH_FRAMES, WINDOW, log_mel, mel_matrix
+from atric.features.vggish import HOP, PATCH_FRAMES, SAMPLE_RATE, WINDOW, log_mel, mel_matrix
 
 # The front end is VGGish's (same Google repo: 16 kHz, 25/10 ms, 512 FFT, 64 HTK bands
 # 125-7500 Hz); only the log offset and the patch hop differ.
-SAMPLE_RATE = 16000
 LOG_OFFSET = 0.001
 MIN_SAMPLES = WINDOW + (PATCH_FRAMES - 1) * HOP  # 15600 samples = 0.975 s: one full patch
 BN_EPSILON = 1e-4
@@ -159,7 +158,11 @@ def _tf_names() -> list[tuple[str, str, str]]:
         assert isinstance(module, _ConvBN)
         kind = "depthwise_kernel" if module.conv.groups > 1 else "kernel"
         names.append((f"layers.{i}.conv.weight", _TF_PREFIX.format(2 * i, kind), kind))
-        for ours, theirs in (("bias", "beta"), ("running_mean", "moving_mean"), ("running_var", "moving_variance")):
+        for ours, theirs in (
+            ("bias", "beta"),
+            ("running_mean", "moving_mean"),
+            ("running_var", "moving_variance"),
+        ):
             names.append((f"layers.{i}.bn.{ours}", _TF_PREFIX.format(2 * i + 1, theirs), "vector"))
     dense = 2 * len(layers)
     names += [
@@ -252,4 +255,3 @@ class Yamnet(AudioExpert):
         with torch.inference_mode():
             _, logits = self.model(torch.from_numpy(self.patches(waveform)).to(self.device))
         return torch.sigmoid(logits).float().cpu().numpy()
-
