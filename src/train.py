@@ -11,6 +11,7 @@ with the same params continues from models/<run>/last.pt.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
 from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
@@ -23,6 +24,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_params_arguments(parser)
     add_run_arguments(parser)
+    parser.add_argument("--run", help="run name (default: <train.experts joined by +>-<train.pooling>)")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        help="one run over every expert of features.experts, fused with text-predicted weights "
+        "(train.fusion=text_weighted: the Collaborative Experts setting)",
+    )
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", action="store_true", help="continue models/<run>/last.pt (must exist)")
     group.add_argument("--restart", action="store_true", help="discard the run's checkpoints and start over")
@@ -34,10 +42,13 @@ def main() -> int:
     )
     args = parser.parse_args()
     extra = run_overrides(args)
+    if args.fused:
+        experts = params_from_args(args).features.experts
+        extra += [f"train.experts={json.dumps(experts)}", "train.fusion=text_weighted"]
     params = params_from_args(args, extra)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     policy = "resume" if args.resume else "restart" if args.restart else "pipeline" if args.pipeline else "auto"
-    result = train_tracked(params, run_name=run_name_for(params.train), policy=policy)
+    result = train_tracked(params, run_name=args.run or run_name_for(params.train), policy=policy)
     print(f"{result.run_name}: best epoch {result.best_epoch} of {len(result.history)} (val)")
     print(format_metrics_table(result.best_metrics))
     return 0

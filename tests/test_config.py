@@ -94,6 +94,8 @@ def test_dvc_train_stage_depends_on_exactly_the_result_params() -> None:
     """dvc.yaml's train params are derived from the schema's roles, not written by hand."""
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     assert stages["train"]["params"] == train_dvc_params()
+    assert stages["train_seed"]["params"] == train_dvc_params()
+    assert stages["train_fused"]["do"]["params"] == [*train_dvc_params(), "features.experts"]
     assert "train.precision" in train_dvc_params() and "train.epochs" in train_dvc_params()
     assert "train.device" not in train_dvc_params() and "train.poolings" not in train_dvc_params()
 

@@ -169,6 +169,10 @@ class TrainParams(Section):
     pooling: PoolingName = _role("run", "netrvlad")
     # The pipeline's run matrix: features.experts x train.poolings (dvc.yaml `matrix`).
     poolings: list[PoolingName] = _role("runtime", ["mean", "max", "lstm", "netvlad", "netrvlad"], min_length=1)
+    # Beside the matrix: each run again with these seeds (<expert>-<pooling>-seed<k>), and one run
+    # over all of features.experts with text-weighted fusion per pooling here (fused-<pooling>).
+    extra_seeds: list[int] = _role("runtime", [])
+    fused_poolings: list[PoolingName] = _role("runtime", ["netrvlad"])
     text_pooling: PoolingName = _role("result", "netvlad")
     embed_dim: int = _role("result", 256, ge=1)
     audio_clusters: int = _role("result", 12, ge=1)
