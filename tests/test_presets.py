@@ -113,3 +113,35 @@ def test_paper_presets_set_what_the_paper_set() -> None:
     for name, seconds in (("paper-clotho.yaml", 30), ("paper-audiocaps.yaml", 10)):
         train = yaml.safe_load((REPO / "params" / name).read_text())["train"]
         assert train["sampling"] == "clip" and train["max_seconds"] == seconds and train["epochs"] == 20
+
+
+@pytest.mark.parametrize(
+    ("source", "make", "expected"),
+    [
+        ("synth", "clotho", r"this looks like a Clotho release .* but data\.source is 'synth': set data\.source=clotho"),
+        ("clotho", "audiocaps", r"looks like an AudioCaps release .* set data\.source=audiocaps"),
+        ("audiocaps", "seed", r"looks like a seed layout .* set data\.source=seed"),
+    ],
+)
+def test_a_source_that_does_not_match_the_raw_folder_names_the_fix(
+    tmp_path: Path, source: str, make: str, expected: str
+) -> None:
+    from test_importers import make_audiocaps_tree, make_clotho_tree
+
+    from atric.config import Params
+    from atric.corpus.prepare import prepare_dataset
+    from atric.errors import ConfigError
+
+    raw = tmp_path / "raw"
+    if make == "clotho":
+        make_clotho_tree(raw)
+    elif make == "audiocaps":
+        make_audiocaps_tree(raw)
+    else:
+        fakes.write_fake_layout(tmp_path / "stage", dataset="CLOTHO")
+        (tmp_path / "stage" / "CLOTHO").rename(raw)
+    dataset = {"synth": "SynthCaps", "clotho": "CLOTHO", "audiocaps": "AudioCaps"}[source]
+    params = Params.model_validate({"data": {"source": source, "dataset": dataset, "raw_dir": str(raw), "root": str(tmp_path / "data")}})
+    with pytest.raises(ConfigError, match=expected):
+        prepare_dataset(params)
+    assert not (tmp_path / "data").exists()  # nothing written

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from atric.config import SEED_DATASETS, DataParams, Params
-from atric.corpus.release import Problems, probe_audio
+from atric.corpus.release import SOURCE_LOOKS, Problems, probe_audio, sniff_source
 from atric.errors import ConfigError
 from atric.layout import SPLITS, Clip, Layout, Manifest, validate_clips, write_index, write_manifest
 
@@ -84,6 +84,12 @@ def read_raw(params: Params) -> Manifest:
     reader = IMPORTERS.get(data.source)
     if reader is None:  # config.DataParams admits only the registered sources
         raise ConfigError(f"data.source: unknown source {data.source!r}; valid: {', '.join(IMPORTERS)}")
+    looks_like = sniff_source(data.raw_dir)
+    if looks_like is not None and looks_like != data.source:
+        raise ConfigError(
+            f"{data.raw_dir}: this looks like {SOURCE_LOOKS[looks_like]}, but data.source is {data.source!r}: "
+            f"set data.source={looks_like} (e.g. dvc exp run -S data.source={looks_like}, or a preset in params/)"
+        )
     manifest = reader(Path(data.raw_dir), data)
     return dataclasses.replace(manifest, dataset=data.dataset)
 

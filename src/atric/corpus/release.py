@@ -102,3 +102,32 @@ def probe_audio(path: Path, clip_id: str) -> float:
 def relative_audio_path(path: Path, audio_root: Path) -> str:
     """Manifest audio paths are POSIX and relative to the manifest's ``audio_root``."""
     return path.relative_to(audio_root).as_posix()
+
+
+# What each data.source looks like on disk, for naming the likely fix when it does not match.
+SOURCE_LOOKS = {
+    "synth": "the embedded default corpus (captions.json + audio/)",
+    "clotho": "a Clotho release (clotho_captions_<split>.csv)",
+    "audiocaps": "an AudioCaps release ({train,val,test}.csv with youtube_id)",
+    "seed": "a seed layout (Index/ with AudioExpert/ or TextEmbeddings/)",
+}
+
+
+def sniff_source(raw_dir: str | Path) -> str | None:
+    """The ``data.source`` that ``raw_dir``'s files look like, or None when none fits."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        return None
+    if (raw_dir / "captions.json").is_file() and (raw_dir / "audio").is_dir():
+        return "synth"
+    if any(raw_dir.glob("clotho_captions_*.csv")):
+        return "clotho"
+    for split in ("train", "val", "test"):
+        path = raw_dir / f"{split}.csv"
+        if path.is_file():
+            with path.open(encoding="utf-8", errors="replace") as fh:
+                if "youtube_id" in fh.readline():
+                    return "audiocaps"
+    if (raw_dir / "Index").is_dir() and ((raw_dir / "AudioExpert").is_dir() or (raw_dir / "TextEmbeddings").is_dir()):
+        return "seed"
+    return None
