@@ -4,7 +4,7 @@
 
 Reads params sections `data`, `text`, `train`, `features`, `search`. Writes
 <search.index_dir>/<run>.h5 (default indexes/<run>.h5; format in atric.search). The run
-defaults to the champion (MLflow's `champion` alias, else the best evaluated run). When
+defaults to the champion named in reports/champion.json (chosen on val by the report stage). When
 val is indexed, prints how often a val caption used as a query finds its own clip in
 the top search.hit_rate_k.
 """

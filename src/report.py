@@ -1,5 +1,6 @@
-"""Stage `report`: reports/results.md (paper-style table) + recall@K and validation plots,
-and the best run registered in MLflow as the `champion`.
+"""Stage `report`: reports/results.md (paper-style table, mean ± std over seeds, seed noise, temporal
+order) + PNG plots + reports/plots/*.json for `dvc plots show`, and the champion chosen on val:
+reports/champion.json, registered in MLflow with the `champion` alias.
 
     python src/report.py [--out reports] [--no-register]
 """
@@ -7,37 +8,51 @@ and the best run registered in MLflow as the `champion`.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from atric.cli import add_params_arguments, params_from_args, run
-from atric.engine import SELECTION_METRIC, RunPaths, evaluation_metrics_dir
-from atric.ops.champion import best_run_by_test, register_champion
-from atric.report import load_run_metrics, write_report
+from atric.engine import SELECTION_METRIC, evaluation_metrics_dir
+from atric.layout import Layout, read_index
+from atric.ops.champion import CHAMPION_FILE, choose_champion, register_champion, write_champion
+from atric.report import load_histories, load_run_metrics, write_report
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_params_arguments(parser)
-    parser.add_argument("--out", default="reports", help="output folder (default: reports)")
+    parser.add_argument(
+        "--out", default=str(CHAMPION_FILE.parent), help=f"output folder (default: {CHAMPION_FILE.parent})"
+    )
     parser.add_argument("--no-register", action="store_true", help="do not touch the MLflow registry")
     args = parser.parse_args()
     params = params_from_args(args)
-    runs = load_run_metrics(evaluation_metrics_dir(params.train, params.evaluate.split))
-    histories = {}
-    for name in runs:
-        history = RunPaths.of(params.train, name).history
-        if history.exists():
-            histories[name] = json.loads(history.read_text(encoding="utf-8"))
+    split = params.evaluate.split
+    runs = load_run_metrics(evaluation_metrics_dir(params.train, split))
+    histories = load_histories(Path(params.train.metrics_dir) / "history", list(runs))
+    champion = choose_champion(params)
+    index = Layout(params.data.dataset, params.data.root).index_path(split)
+    n_clips = len(read_index(index, split))
+    # Everything read and checked before the first file is written.
+    champion_path = write_champion(champion, Path(args.out) / CHAMPION_FILE.name)
     path = write_report(
-        runs, histories, Path(args.out), dataset=params.data.dataset, validation_key=f"val_{SELECTION_METRIC}"
+        runs,
+        histories,
+        Path(args.out),
+        dataset=params.data.dataset,
+        validation_key=f"val_{SELECTION_METRIC}",
+        default_seed=params.train.seed,
+        n_clips=n_clips,
+        champion=champion,
+        split=split,
     )
-    champion = best_run_by_test(params)
-    print(f"wrote {path} ({len(runs)} runs); best run by {params.evaluate.split} t2a geometric mean: {champion}")
+    print(
+        f"wrote {path} ({len(runs)} runs); champion by {champion['metric']} on val: {champion['run']} "
+        f"({champion['value']:.2f}) -> {champion_path}"
+    )
     if not args.no_register:
-        version = register_champion(params, champion)
+        version = register_champion(params, champion_path)
         if version:
-            print(f"registered {champion} as champion (version {version})")
+            print(f"registered {champion['run']} as champion (version {version})")
     return 0
 
 

@@ -418,8 +418,8 @@ def test_split_not_indexed_is_an_error(trained: dict[str, Any], tmp_path: Path) 
 def test_default_run_is_the_champion(
     trained: dict[str, Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Without --model the champion is searched (MLflow's alias, else the best evaluated run;
-    stubbed here: creating an MLflow database takes longer than this whole file)."""
+    """Without --model the champion is searched (the run reports/champion.json names; stubbed
+    here, the file's own tests are in test_report.py)."""
     import atric.ops.champion
 
     asked: list[str] = []
@@ -434,11 +434,11 @@ def test_default_run_is_the_champion(
     assert asked == ["Fake"] and json.loads(out)["model"] == RUN
 
     def no_champion(params: Params) -> str:
-        raise DataError("metrics/test: no evaluated runs")
+        raise DataError("reports/champion.json: no champion chosen yet")
 
     monkeypatch.setattr(atric.ops.champion, "champion_run", no_champion)
     code, _, err = search_in_process(trained["root"], ["a dog barks"], capsys, monkeypatch)
-    assert code == 2 and "no evaluated runs" in err and "--model RUN" in err
+    assert code == 2 and "no champion chosen yet" in err and "--model RUN" in err
 
 
 def test_fused_scores_equal_model_similarity_with_several_experts() -> None:

@@ -1,16 +1,38 @@
-"""The champion: the run chosen to serve search, and its MLflow registered-model alias."""
+"""The champion: the run chosen to serve search, and its MLflow registered-model alias.
+
+The choice is made on the **validation** split only (the engine's selection metric in each
+run's ``metrics/<run>.json``) and written by the ``report`` stage to ``reports/champion.json``,
+a DVC output the ``index`` stage depends on::
+
+    {"run": "aisfx-netvlad", "metric": "val_t2a_geometric_mean", "value": 71.2, "split": "val",
+     "dataset": "SynthCaps", "candidates": {"aisfx-lstm": 64.0, "aisfx-netvlad": 71.2, ...}}
+
+Test metrics are reported, never used to choose. The MLflow ``champion`` alias is moved
+from that file; ``champion_run`` reads only the file: an alias is state DVC does not track,
+and following it could serve a run the pipeline's results no longer name.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+from atric.atomic import write_json_atomic
 from atric.config import Params
-from atric.engine import RunPaths
+from atric.engine import SELECTION_METRIC, RunPaths
+from atric.errors import DataError
 from atric.ops import tracking
 
 log = logging.getLogger("atric.champion")
+
+CHAMPION_FILE = Path("reports/champion.json")
+CHAMPION_SPLIT = "val"
+CHAMPION_METRIC = f"{CHAMPION_SPLIT}_{SELECTION_METRIC}"  # a key of metrics/<run>.json
+_FIELDS = ("run", "metric", "value", "split", "dataset", "candidates")
 
 
 def registered_model_name(params: Params) -> str:
@@ -18,25 +40,71 @@ def registered_model_name(params: Params) -> str:
     return f"atric-{params.data.dataset}"
 
 
-def best_run_by_test(params: Params, metric: str = "t2a_geometric_mean") -> str:
-    """The run with the best evaluation metric among ``metrics/<split>/*.json``."""
-    from atric.errors import DataError
-
-    directory = Path(params.train.metrics_dir) / params.evaluate.split
+def validation_scores(metrics_dir: str | Path, metric: str = CHAMPION_METRIC) -> dict[str, float]:
+    """{run: value of ``metric``} over the trained runs' ``<metrics_dir>/<run>.json`` (best val row)."""
+    directory = Path(metrics_dir)
     scores: dict[str, float] = {}
     for path in sorted(directory.glob("*.json")):
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if metric in doc:
-            scores[path.stem] = float(doc[metric])
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON: {exc}") from exc
+        if not isinstance(doc, dict) or not isinstance(doc.get(metric), (int, float)):
+            raise DataError(f"{path}: no numeric {metric!r} (the train stage writes it)")
+        value = float(doc[metric])
+        if math.isfinite(value):  # a diverged run (NaN) is no candidate
+            scores[path.stem] = value
     if not scores:
-        raise DataError(f"{directory}: no evaluated runs (run `python src/evaluate.py` or `dvc repro`)")
-    return max(scores, key=lambda name: scores[name])
+        raise DataError(
+            f"{directory}: no trained runs with {metric!r} (run `python src/train.py` or `dvc repro`)"
+        )
+    return scores
 
 
-def register_champion(params: Params, run_name: str) -> str | None:
-    """Register ``run_name``'s MLflow model and move the ``champion`` alias to it."""
-    paths = RunPaths.of(params.train, run_name)
-    run_file = paths.run_dir / tracking.RUN_ID_FILE
+def choose_champion(params: Params, metric: str = CHAMPION_METRIC) -> dict[str, Any]:
+    """The run with the highest validation ``metric``; a tie goes to the first name in sort order."""
+    scores = validation_scores(params.train.metrics_dir, metric)
+    run = max(sorted(scores), key=lambda name: scores[name])
+    return {
+        "run": run,
+        "metric": metric,
+        "value": scores[run],
+        "split": CHAMPION_SPLIT,
+        "dataset": params.data.dataset,
+        "candidates": scores,
+    }
+
+
+def write_champion(champion: Mapping[str, Any], path: str | Path = CHAMPION_FILE) -> Path:
+    path = Path(path)
+    write_json_atomic(path, {key: champion[key] for key in _FIELDS})
+    return path
+
+
+def read_champion(path: str | Path = CHAMPION_FILE) -> dict[str, Any]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no champion chosen yet (run `python src/report.py` or `dvc repro report`)")
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from exc
+    missing = [key for key in _FIELDS if not isinstance(doc, dict) or key not in doc]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}")
+    if not isinstance(doc["run"], str) or not doc["run"]:
+        raise DataError(f"{path}: 'run' must be a run name")
+    if doc["split"] != CHAMPION_SPLIT:
+        raise DataError(
+            f"{path}: split is {doc['split']!r}: the champion is chosen on {CHAMPION_SPLIT!r} only"
+        )
+    return doc
+
+
+def register_champion(params: Params, path: str | Path = CHAMPION_FILE) -> str | None:
+    """Register the run named in the champion file and move the ``champion`` alias to it."""
+    run_name = read_champion(path)["run"]
+    run_file = RunPaths.of(params.train, run_name).run_dir / tracking.RUN_ID_FILE
     if not run_file.exists():
         log.info("%s: no MLflow run recorded; nothing registered", run_name)
         return None
@@ -45,18 +113,15 @@ def register_champion(params: Params, run_name: str) -> str | None:
     return tracking.register_with_alias(run_id, registered_model_name(params))
 
 
-def champion_run(params: Params) -> str:
-    """The run the ``champion`` alias points at in MLflow, else the best evaluated run on disk."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
-    try:
-        tracking.configure()
-        version = MlflowClient().get_model_version_by_alias(registered_model_name(params), tracking.CHAMPION_ALIAS)
-        run = MlflowClient().get_run(version.run_id)
-        name = run.data.tags.get(tracking.RUN_NAME_TAG)
-        if name and RunPaths.of(params.train, name).best.exists():
-            return name
-    except MlflowException:
-        pass
-    return best_run_by_test(params)
+def champion_run(params: Params, path: str | Path = CHAMPION_FILE) -> str:
+    """The run named in the champion file, checked against the dataset and the trained models."""
+    doc = read_champion(path)
+    if doc["dataset"] != params.data.dataset:
+        raise DataError(
+            f"{path}: chosen for dataset {doc['dataset']!r}, params say {params.data.dataset!r} "
+            "(rerun `python src/report.py`)"
+        )
+    run_name = doc["run"]
+    if not RunPaths.of(params.train, run_name).best.exists():
+        raise DataError(f"{path}: champion {run_name!r} has no {RunPaths.of(params.train, run_name).best}")
+    return run_name
