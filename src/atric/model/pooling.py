@@ -184,7 +184,7 @@ class NetVLADPooling(nn.Module):
         real = x[mask]  # [N_real, D]: only real frames reach BatchNorm
         logits = self.assign_bn(real @ self.assign)
         soft = torch.softmax(logits, dim=-1)[:, : self.clusters]  # ghosts dropped after softmax
-        assignment = x.new_zeros(batch, frames, self.clusters)
+        assignment = soft.new_zeros(batch, frames, self.clusters)  # soft's dtype: bf16/fp16 under autocast
         assignment[mask] = soft  # padded frames keep weight 0
         vlad = torch.einsum("btk,btd->bkd", assignment, x)  # [B, K, D]
         if self.centres is not None:
