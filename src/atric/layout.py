@@ -288,6 +288,17 @@ def check_feature_array(array: np.ndarray, where: str, dim: int | None = None) -
     return array.astype(np.float32, copy=False)
 
 
+# HDF5 outputs byte-identical for identical content: no object timestamps (h5py's track_times
+# is on by default), attributes written in sorted key order. Pass to every create_dataset.
+H5_REPRODUCIBLE: dict[str, Any] = {"track_times": False}
+
+
+def set_attrs(node: h5py.HLObject, attrs: Mapping[str, Any]) -> None:
+    """Attributes in sorted key order: the same mapping gives the same bytes."""
+    for key in sorted(attrs):
+        node.attrs[key] = attrs[key]
+
+
 def write_features(
     path: str | Path, features: Iterable[tuple[str, np.ndarray]], attrs: Mapping[str, Any]
 ) -> int:
@@ -295,13 +306,12 @@ def write_features(
     path = Path(path)
     count = 0
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        for key, value in attrs.items():
-            h5.attrs[key] = value
+        set_attrs(h5, attrs)
         for clip_id, array in features:
             _check_clip_id(clip_id, str(path))
             if clip_id in h5:
                 raise DataError(f"{path}: duplicate clip id {clip_id!r}")
-            h5.create_dataset(clip_id, data=check_feature_array(array, f"{path}:{clip_id}"))
+            h5.create_dataset(clip_id, data=check_feature_array(array, f"{path}:{clip_id}"), **H5_REPRODUCIBLE)
             count += 1
     return count
 
@@ -409,17 +419,16 @@ def write_text_embeddings(
     vectors = np.concatenate(arrays) if arrays else np.zeros((0, dim or 0), np.float32)
     str_dtype = h5py.string_dtype()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        for key, value in attrs.items():
-            h5.attrs[key] = value
-        h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=str_dtype)
-        h5.create_dataset("caption_offsets", data=np.asarray(caption_offsets, np.int64))
-        h5.create_dataset("token_offsets", data=token_offsets)
-        h5.create_dataset("vectors", data=vectors)
+        set_attrs(h5, attrs)
+        h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=str_dtype, **H5_REPRODUCIBLE)
+        h5.create_dataset("caption_offsets", data=np.asarray(caption_offsets, np.int64), **H5_REPRODUCIBLE)
+        h5.create_dataset("token_offsets", data=token_offsets, **H5_REPRODUCIBLE)
+        h5.create_dataset("vectors", data=vectors, **H5_REPRODUCIBLE)
         if captions is not None:
             flat = [cap for clip_id in clip_ids for cap in captions[clip_id]]
             if len(flat) != len(arrays):
                 raise DataError(f"{path}: {len(flat)} captions for {len(arrays)} embeddings")
-            h5.create_dataset("captions", data=np.array(flat, dtype=object), dtype=str_dtype)
+            h5.create_dataset("captions", data=np.array(flat, dtype=object), dtype=str_dtype, **H5_REPRODUCIBLE)
 
 
 def read_text_embeddings(path: str | Path) -> TextEmbeddings:

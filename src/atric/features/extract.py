@@ -185,7 +185,7 @@ def _write_shard(path: Path, phash: str, rows: list[tuple[str, np.ndarray, str]]
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.attrs["params_hash"] = phash
         for clip_id, array, fingerprint in rows:
-            h5.create_dataset(clip_id, data=array).attrs[FINGERPRINT_ATTR] = fingerprint
+            h5.create_dataset(clip_id, data=array, track_times=False).attrs[FINGERPRINT_ATTR] = fingerprint
 
 
 def _merge(
@@ -198,8 +198,8 @@ def _merge(
     handles: dict[Path, h5py.File] = {}
     try:
         with atomic_path(output) as tmp, h5py.File(tmp, "w") as out:
-            for key, value in attrs.items():
-                out.attrs[key] = value
+            for key in sorted(attrs):  # sorted, and no timestamps: byte-identical outputs (issue #14)
+                out.attrs[key] = attrs[key]
             for clip_id in order:
                 source = done.source.get(clip_id)
                 if source is None:
@@ -208,7 +208,7 @@ def _merge(
                     handles[source] = h5py.File(source, "r")
                 node = handles[source][clip_id]
                 data = check_feature_array(node[()], f"{source}:{clip_id}", int(attrs["dim"]))
-                out.create_dataset(clip_id, data=data).attrs[FINGERPRINT_ATTR] = node.attrs[FINGERPRINT_ATTR]
+                out.create_dataset(clip_id, data=data, track_times=False).attrs[FINGERPRINT_ATTR] = node.attrs[FINGERPRINT_ATTR]
             # Close sources before the rename: the previous output may be one of them.
             for handle in handles.values():
                 handle.close()

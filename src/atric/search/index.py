@@ -49,7 +49,7 @@ from atric.engine import RunPaths, load_checkpoint
 from atric.errors import DataError
 from atric.factory import model_from_checkpoint
 from atric.features.base import sha256_file
-from atric.layout import SPLITS, FeatureFile, Layout, read_text_attrs
+from atric.layout import H5_REPRODUCIBLE, SPLITS, FeatureFile, Layout, read_text_attrs, set_attrs
 from atric.model import RetrievalModel
 
 INDEX_FORMAT = 1
@@ -170,13 +170,13 @@ def build_index(
     sha = sha256_file(paths.best)
     strings = h5py.string_dtype()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
-        h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=strings)
-        h5.create_dataset("splits", data=np.array(clip_splits, dtype=object), dtype=strings)
-        h5.create_dataset("audio", data=np.concatenate(audio_parts, axis=1))
-        h5.create_dataset("caption_offsets", data=np.asarray(offsets, np.int64))
-        h5.create_dataset("captions", data=np.array(captions, dtype=object), dtype=strings)
-        h5.create_dataset("caption_text", data=np.concatenate(text_parts, axis=1))
-        h5.create_dataset("caption_weights", data=np.concatenate(weight_parts, axis=0))
+        h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=strings, **H5_REPRODUCIBLE)
+        h5.create_dataset("splits", data=np.array(clip_splits, dtype=object), dtype=strings, **H5_REPRODUCIBLE)
+        h5.create_dataset("audio", data=np.concatenate(audio_parts, axis=1), **H5_REPRODUCIBLE)
+        h5.create_dataset("caption_offsets", data=np.asarray(offsets, np.int64), **H5_REPRODUCIBLE)
+        h5.create_dataset("captions", data=np.array(captions, dtype=object), dtype=strings, **H5_REPRODUCIBLE)
+        h5.create_dataset("caption_text", data=np.concatenate(text_parts, axis=1), **H5_REPRODUCIBLE)
+        h5.create_dataset("caption_weights", data=np.concatenate(weight_parts, axis=0), **H5_REPRODUCIBLE)
         attrs = {
             "format": INDEX_FORMAT,
             "run": run,
@@ -192,8 +192,7 @@ def build_index(
             "indexed_splits": json.dumps(splits),
             "feature_settings": json.dumps(feature_settings, sort_keys=True),
         }
-        for key, value in attrs.items():
-            h5.attrs[key] = value
+        set_attrs(h5, attrs)
     counts = {s: clip_splits.count(s) for s in splits}
     return IndexReport(run, path, counts, len(captions), sha, round(time.perf_counter() - started, 3))
 
