@@ -107,9 +107,10 @@ def test_order_metrics_sequential_subset_and_column_order(tmp_path: Path) -> Non
     assert metrics["order_sequential_captions"] == 15
 
 
-def test_no_pairs_no_metrics_and_bad_shapes_are_errors() -> None:
+def test_no_pairs_no_metrics_and_bad_shapes_are_errors(tmp_path: Path) -> None:
     real = manifest_of([clip("a", []), clip("b", [])])  # a real corpus: no events
     assert order_metrics(np.zeros((10, 2)), real, "test") == {}
+    assert order_metrics(np.zeros((10, 2)), Layout("CLOTHO", tmp_path), "test") == {}  # no manifest
     with pytest.raises(DataError, match="shape"):
         order_metrics(np.zeros((CPC * 9, 9)), TOY, "test")
     with pytest.raises(DataError, match="expected"):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
 import numpy as np
 
 from atric.corpus.captions import CaptionEvent, event_relations
@@ -48,7 +49,9 @@ def _events(clip: ManifestClip) -> list[CaptionEvent]:
             for e in clip.extra.get("events", [])
         ]
     except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"manifest clip {clip.clip_id!r}: events need type, onset, duration ({exc!r})") from exc
+        raise DataError(
+            f"manifest clip {clip.clip_id!r}: events need type, onset, duration ({exc!r})"
+        ) from exc
     return sorted(events, key=lambda e: e.onset)
 
 
@@ -89,9 +92,7 @@ def order_accuracy(
     sim = np.asarray(sim)
     own, mirror = np.asarray(own, dtype=int), np.asarray(mirror, dtype=int)
     if sim.ndim != 2 or sim.shape[0] != captions_per_clip * sim.shape[1]:
-        raise DataError(
-            f"similarity matrix has shape {sim.shape}: expected [{captions_per_clip} * N, N]"
-        )
+        raise DataError(f"similarity matrix has shape {sim.shape}: expected [{captions_per_clip} * N, N]")
     if own.shape != mirror.shape or own.ndim != 1:
         raise DataError(f"own and mirror clip indices differ in shape: {own.shape} vs {mirror.shape}")
     if own.size == 0:
@@ -112,7 +113,8 @@ def order_metrics(
     split: str,
     clip_ids: Sequence[str] | None = None,
 ) -> dict[str, float]:
-    """Order metrics of a split's [5N, N] similarity matrix; {} when the split has no mirror pairs.
+    """Order metrics of a split's [5N, N] similarity matrix; {} when the split has no mirror pairs
+    (a corpus without per-clip events, or a layout without a manifest).
 
     ``clip_ids`` is the clips' column order; by default the split's Index file (a Layout: the
     order ``atric.data.open_split`` uses) or the manifest's order (a Manifest). Keys:
@@ -120,6 +122,8 @@ def order_metrics(
     clips only order_accuracy_sequential, order_sequential_captions (when there are any).
     """
     if isinstance(layout_or_manifest, Layout):
+        if not layout_or_manifest.manifest_path.exists():  # seed-layout inputs: no events, no pairs
+            return {}
         manifest = read_manifest(layout_or_manifest.manifest_path)
         if clip_ids is None:
             clip_ids = [c.clip_id for c in read_index(layout_or_manifest.index_path(split), split)]
@@ -132,11 +136,15 @@ def order_metrics(
         return {}
     sim = np.asarray(sim)
     if sim.ndim != 2 or sim.shape[1] != len(clip_ids):
-        raise DataError(f"{split}: similarity matrix has shape {sim.shape} but the split has {len(clip_ids)} clips")
+        raise DataError(
+            f"{split}: similarity matrix has shape {sim.shape} but the split has {len(clip_ids)} clips"
+        )
     column = {clip_id: i for i, clip_id in enumerate(clip_ids)}
     missing = [c for p in pairs for c in (p.first, p.second) if c not in column]
     if missing:
-        raise DataError(f"{split}: manifest clip(s) {', '.join(missing[:3])} are not in the split's clip list")
+        raise DataError(
+            f"{split}: manifest clip(s) {', '.join(missing[:3])} are not in the split's clip list"
+        )
     # Both directions: each clip's captions against its mirror.
     own = [column[p.first] for p in pairs] + [column[p.second] for p in pairs]
     mirror = [column[p.second] for p in pairs] + [column[p.first] for p in pairs]
@@ -154,4 +162,3 @@ def order_metrics(
         out["order_accuracy_sequential"] = seq_accuracy
         out["order_sequential_captions"] = float(seq_captions)
     return out
-
