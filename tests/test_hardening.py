@@ -437,3 +437,44 @@ def test_log_records_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
         logging.getLogger("atric.test").warning("MLflow at %s unreachable", f"http://u:{SECRET}@h:1")
     assert SECRET not in caplog.text and "http://u:***@h:1" in caplog.text
+
+
+# ------------------------------------------------------------------ 3. bounded audio
+def test_audio_query_reads_only_what_the_model_uses_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import soundfile as sf
+
+    from atric.search import searcher
+
+    rate = 8000
+    path = tmp_path / "hour.wav"
+    with sf.SoundFile(path, "w", samplerate=rate, channels=1, subtype="PCM_16") as fh:
+        block = (0.1 * np.sin(np.arange(rate * 60) / 10)).astype(np.float32)
+        for _ in range(60):  # one hour, written a minute at a time
+            fh.write(block)
+    seconds = searcher.max_query_seconds({"logmel": 30, "aisfx": 10}, {"logmel": 0.2, "aisfx": 0.56})
+    assert seconds == pytest.approx(30 * 0.2 + searcher.QUERY_WINDOW_MARGIN_SECONDS)  # the longer of the two
+    asked: list[int] = []
+    real_read = sf.read
+    monkeypatch.setattr(sf, "read", lambda *a, **k: asked.append(k.get("frames", -1)) or real_read(*a, **k))
+    with caplog.at_level(logging.WARNING, logger="atric.search"):
+        audio = searcher.read_query_audio(path, 16000, seconds)
+    assert asked == [int(np.ceil(seconds * rate))]  # decoded: the cut, never the hour
+    assert audio.shape == (int(np.ceil(seconds * rate)) * 2,)
+    assert f"3600.0 s long; only its first {seconds:.1f} s are used" in caplog.text
+
+
+def test_prepare_refuses_audio_longer_than_data_max_audio_seconds(tmp_path: Path) -> None:
+    from test_importers import make_clotho_tree
+
+    make_clotho_tree(tmp_path / "raw")
+    fakes.write_params(tmp_path / "params.yaml", {"data": {"raw_dir": "raw", "root": "data", "source": "clotho"}})
+    done = subprocess.run(
+        [sys.executable, str(REPO / "src" / "prepare.py"), "--params", "params.yaml", "--set", "data.max_audio_seconds=0.01"],
+        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    line = _one_error_line(done.stderr)
+    assert "longer than data.max_audio_seconds=0.01: " in line and ".wav (" in line
+    assert not (tmp_path / "data" / "CLOTHO" / "manifest.json").exists()

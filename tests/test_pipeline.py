@@ -125,3 +125,55 @@ def test_mlflow_ui_lists_the_runs_in_a_real_browser(repro: tuple[Path, dict[str,
     assert out["runs_listed"] == ["logmel-mean", "logmel-netrvlad"]
     shot = work / "reports" / "mlflow_ui.png"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
+
+
+# ------------------------------------------------------------------ byte-reproducible builds (issue #14)
+def _lock_hashes(work: Path) -> dict[str, dict[str, str]]:
+    """Per stage: path -> md5 of every output in dvc.lock (dirs: the .dir md5 of their listing)."""
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    return {
+        stage: {out["path"]: out["md5"] for out in entry.get("outs", [])}
+        for stage, entry in lock["stages"].items()
+    }
+
+
+@pytest.fixture(scope="module")
+def second_build(
+    repro: tuple[Path, dict[str, str]], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, dict[str, str]]:
+    """The same tiny pipeline built again from scratch in another directory, with its own cache
+    (what a second machine of the same kind does)."""
+    _, env = repro
+    work = copy_repo_with_params(tmp_path_factory.mktemp("repo2"), TINY)
+    _run(["git", "init", "-q"], work, env)
+    _run([sys.executable, "src/synthesize.py", "--no-progress"], work, env)
+    _run(["dvc", "commit", "-f", "-q", "data.dvc"], work, env)
+    _run(["git", "add", "-A"], work, env)
+    _run(["git", "commit", "-q", "-m", "tiny"], work, env)
+    _run(["dvc", "repro"], work, env)
+    return work, env
+
+
+def test_two_builds_give_identical_dvc_lock_hashes_for_every_stage(
+    repro: tuple[Path, dict[str, str]], second_build: tuple[Path, dict[str, str]]
+) -> None:
+    """HDF5 without timestamps, sorted JSON, MLflow run ids out of the hashed outputs: every
+    stage's outputs (features, text embeddings, checkpoints, index) hash the same."""
+    first, second = _lock_hashes(repro[0]), _lock_hashes(second_build[0])
+    assert set(first) == set(second)
+    assert {"extract@logmel", "embed_text", "index", "train@logmel-mean"} <= set(first)
+    differing = {stage: (first[stage], second[stage]) for stage in first if first[stage] != second[stage]}
+    assert differing == {}
+
+
+def test_run_cache_restores_a_removed_stage_output_instead_of_rerunning(
+    second_build: tuple[Path, dict[str, str]],
+) -> None:
+    import shutil
+
+    work, env = second_build
+    shutil.rmtree(work / "data" / "SynthCaps" / "AudioExpert" / "logmel")
+    out = _run(["dvc", "repro"], work, env).stdout
+    assert "Stage 'extract@logmel' is cached - skipping run, checking out outputs" in out
+    assert "Running stage" not in out  # nothing downstream sees a change
+    assert json.loads(_run(["dvc", "status", "--json"], work, env).stdout) == {}

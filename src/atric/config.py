@@ -71,6 +71,7 @@ class DataParams(Section):
     raw_dir: str = "data/raw"
     root: str = "data"
     sample_rate: int = Field(16000, ge=8000)
+    max_audio_seconds: float = Field(600.0, gt=0)  # prepare refuses longer clips (bounded decoding work)
     seed: int = 0
     synth: SynthParams = SynthParams()
 

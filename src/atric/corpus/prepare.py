@@ -29,7 +29,7 @@ from pathlib import Path
 
 from atric.config import SEED_DATASETS, DataParams, Params
 from atric.corpus.release import SOURCE_LOOKS, Problems, probe_audio, sniff_source
-from atric.errors import ConfigError
+from atric.errors import ConfigError, DataError
 from atric.layout import SPLITS, Clip, Layout, Manifest, validate_clips, write_index, write_manifest
 
 
@@ -122,6 +122,19 @@ def validate_manifest(manifest: Manifest, check_audio: bool = False) -> None:
     problems.raise_if_any()
 
 
+def check_durations(manifest: Manifest, max_seconds: float) -> None:
+    """DataError naming the clips longer than ``data.max_audio_seconds``: extraction would decode
+    them whole (an hour of audio is GBs of memory), and no retrieval clip is that long."""
+    long = [c for c in manifest.clips if c.duration > max_seconds]
+    if long:
+        shown = ", ".join(f"{manifest.audio_path(c)} ({c.duration:.1f} s)" for c in long[:5])
+        more = f" and {len(long) - 5} more" if len(long) > 5 else ""
+        raise DataError(
+            f"{len(long)} clip(s) longer than data.max_audio_seconds={max_seconds:g}: {shown}{more}; "
+            "cut them, drop them from the corpus, or raise data.max_audio_seconds"
+        )
+
+
 def write_layout(manifest: Manifest, layout: Layout) -> list[Path]:
     """Write the Index files and the manifest; all of them or none. Returns the paths written."""
     dataset_dir = layout.dataset_dir
@@ -153,6 +166,7 @@ def prepare_dataset(params: Params) -> Manifest:
     manifest = read_raw(params)
     # The importers probe every audio header while reading; the synthetic reader only lists files.
     validate_manifest(manifest, check_audio=params.data.source == "synth")
+    check_durations(manifest, params.data.max_audio_seconds)
     write_layout(manifest, Layout(params.data.dataset, params.data.root))
     return manifest
 

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,59 @@ class QueryError(AtricError):
 
 
 # ---------------------------------------------------------------- searching
+
+log = logging.getLogger("atric.search")
+# Audio beyond the last frame the model sees, kept so that frame's window is complete (longer
+# than any expert's analysis window: aisfx blocks ~2.3 s, YAMNet/VGGish patches 0.96 s).
+QUERY_WINDOW_MARGIN_SECONDS = 3.0
+
+
+def max_query_seconds(max_frames: Mapping[str, int], hop_seconds: Mapping[str, float]) -> float:
+    """How much of a query file the model uses: each expert's padded length times its hop, plus margin."""
+    return max(max_frames[n] * float(hop_seconds[n]) for n in max_frames) + QUERY_WINDOW_MARGIN_SECONDS
+
+
+def read_query_audio(path: str | Path, sample_rate: int, max_seconds: float) -> np.ndarray:
+    """The first ``max_seconds`` of a query file, mono at ``sample_rate``; only that much is decoded.
+
+    Files soundfile can read are cut while reading (``frames=``); others (mp3 without libsndfile
+    support) go through ``atric.audio.load_audio`` and are cut after decoding. A cut is logged.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    try:
+        info = sf.info(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        audio = load_audio(path, sample_rate)
+        total = audio.shape[0] / sample_rate
+        keep = min(audio.shape[0], math.ceil(max_seconds * sample_rate))
+        audio = audio[:keep]
+    else:
+        total = info.frames / info.samplerate if info.samplerate else 0.0
+        keep = min(info.frames, math.ceil(max_seconds * info.samplerate))
+        if keep < info.frames:
+            try:
+                audio, rate = sf.read(str(path), frames=keep, dtype="float32", always_2d=True)
+            except (sf.LibsndfileError, RuntimeError) as exc:
+                raise DataError(f"{path}: cannot read audio: {exc}") from exc
+            if audio.size == 0 or not np.isfinite(audio).all():
+                raise DataError(f"{path}: audio is empty or holds NaN/inf samples")
+            audio = audio.mean(axis=1)
+            if rate != sample_rate:
+                import librosa
+
+                audio = librosa.resample(audio, orig_sr=rate, target_sr=sample_rate, res_type="soxr_hq")
+            audio = np.ascontiguousarray(audio, dtype=np.float32)
+        else:
+            audio = load_audio(path, sample_rate)
+    if total > max_seconds:
+        log.warning(
+            "%s: %.1f s long; only its first %.1f s are used (what the model sees of a clip: "
+            "the index's max_frames x each expert's hop)", path, total, max_seconds,
+        )  # fmt: skip
+    return audio
+
 @dataclass
 class Hit:
     rank: int
@@ -223,8 +278,7 @@ class Searcher:
         max_frames = json.loads(self.index.attrs["max_frames"])
         stored = json.loads(self.index.attrs.get("feature_settings", "{}"))
         dims = self.model.config()["expert_dims"]
-        waveforms: dict[int, np.ndarray] = {}
-        batch = {}
+        experts = {}
         for name in self.model.experts:
             expert = build_expert(name, self.params.features.expert_settings(name), self.device)
             settings = json.dumps(expert.settings(), sort_keys=True)
@@ -233,8 +287,14 @@ class Searcher:
                     f"features.{name}: the settings now ({settings}) differ from those the indexed features "
                     f"were extracted with ({stored[name]}); restore them to search by audio"
                 )
+            experts[name] = expert
+        # The model sees each expert's first max_frames frames: read no more audio than that covers.
+        seconds = max_query_seconds({n: int(max_frames[n]) for n in experts}, {n: e.hop_seconds for n, e in experts.items()})
+        waveforms: dict[int, np.ndarray] = {}
+        batch = {}
+        for name, expert in experts.items():
             if expert.sample_rate not in waveforms:
-                waveforms[expert.sample_rate] = load_audio(path, expert.sample_rate)
+                waveforms[expert.sample_rate] = read_query_audio(path, expert.sample_rate, seconds)
             frames = expert.embed([waveforms[expert.sample_rate]])[0]
             if frames.shape[1] != dims[name]:
                 raise DataError(
