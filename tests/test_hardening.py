@@ -478,3 +478,30 @@ def test_prepare_refuses_audio_longer_than_data_max_audio_seconds(tmp_path: Path
     line = _one_error_line(done.stderr)
     assert "longer than data.max_audio_seconds=0.01: " in line and ".wav (" in line
     assert not (tmp_path / "data" / "CLOTHO" / "manifest.json").exists()
+
+
+# ------------------------------------------------------------------ 8. extract re-validates what it reuses
+def test_extract_recomputes_reused_clips_that_are_nan_wrong_dim_or_1d(tmp_path: Path) -> None:
+    import h5py
+    from test_extract import Counting, make_corpus, read_all
+    from test_extract import run as extract
+
+    from atric.features import build_expert
+    from atric.features.extract import FINGERPRINT_ATTR
+
+    logmel = build_expert("logmel", {})
+    layout = make_corpus(tmp_path / "data")
+    extract(layout, logmel)
+    path = layout.features_path("logmel", "train")
+    good = read_all(path)
+    bad = {"c1": np.full_like(good["c1"], np.nan), "c2": good["c2"][:, :5], "c3": good["c3"][0]}
+    with h5py.File(path, "r+") as h5:
+        for clip_id, value in bad.items():
+            fingerprint = h5[clip_id].attrs[FINGERPRINT_ATTR]
+            del h5[clip_id]
+            h5.create_dataset(clip_id, data=value).attrs[FINGERPRINT_ATTR] = fingerprint
+    counting = Counting(logmel)
+    report = extract(layout, counting)
+    assert not report.up_to_date and counting.clips == 3 and report.reused == 4
+    again = read_all(path)
+    assert all(np.array_equal(again[k], good[k]) for k in good)

@@ -105,10 +105,26 @@ class _Done:
         with h5py.File(path, "r") as h5:
             if h5.attrs.get("params_hash") != phash:
                 return False
+            dim = h5.attrs.get("dim")
+            bad = []
             for clip_id, node in h5.items():
                 if fingerprints.get(clip_id) == node.attrs.get(FINGERPRINT_ATTR):
-                    self.source[clip_id] = path
+                    if _reusable(node, None if dim is None else int(dim)):
+                        self.source[clip_id] = path
+                    else:
+                        bad.append(clip_id)
+        if bad:
+            _log(f"{path}: {len(bad)} clip(s) fail re-validation (shape, dim or NaN/inf), e.g. {bad[0]!r}; recomputing them")
         return True
+
+
+def _reusable(node: object, dim: int | None) -> bool:
+    """A stored clip is reused only if it is still a finite float [T >= 1, dim] array."""
+    if not isinstance(node, h5py.Dataset) or node.ndim != 2 or node.shape[0] < 1 or node.dtype.kind != "f":
+        return False
+    if dim is not None and node.shape[1] != dim:
+        return False
+    return bool(np.isfinite(node[()]).all())
 
 
 def _previous_output(output: Path, phash: str, fingerprints: dict[str, str], done: _Done) -> bool:
