@@ -66,6 +66,9 @@ def run_tags(params: Params, run_name: str, device: torch.device, stage: str) ->
         "pooling": tp.pooling,
         "loss": tp.loss,
         "device": str(device),
+        # CPU results depend on the intra-op thread count at float rounding level, which grows into
+        # different metrics over epochs (issue #14): record it so two runs can be compared.
+        "torch_threads": str(torch.get_num_threads()),
         "dvc_stage": stage,
         "run": run_name,
     }
