@@ -22,6 +22,7 @@ from atric.report import (
     compare_poolings,
     group_runs,
     load_run_metrics,
+    noise_section,
     results_table,
     split_run_name,
     trivial_columns,
@@ -174,6 +175,8 @@ def test_seeds_are_grouped_with_mean_and_std() -> None:
     table = results_table(groups, runs)
     assert "| logmel | mean | 3 | " in table and "42.0 ± 2.0" in table  # sample std of 40, 42, 44
     assert "| logmel | lstm | 1 | " in table and "**50.0**" in table
+    # One pooling with 3 seeds and one with 1: nothing to test, and the report says which.
+    assert "Not compared (one seed, no noise estimate): logmel-lstm." in noise_section(groups, runs)
 
 
 def test_welch_marks_only_differences_beyond_seed_noise() -> None:
