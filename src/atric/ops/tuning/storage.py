@@ -19,6 +19,7 @@ from atric.config import (
 )
 from atric.engine import run_name_for
 from atric.ops.tuning.common import StaleTrialCallback, TuneError
+from atric.redact import redact
 
 log = logging.getLogger("atric.ops.tuning")
 
@@ -38,16 +39,6 @@ def storage_url(params: Params) -> str:
 
 def study_dir(params: Params) -> Path:
     return Path(params.tune.dir) / study_name_for(params)
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and MLflow tags."""
-    from sqlalchemy.engine import make_url
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not an SQLAlchemy URL: say nothing about it
-        return url.split("@")[-1]
 
 
 def _normalise_url(url: str) -> str:

@@ -103,6 +103,7 @@ class _Worker:
 
     def objective(self, trial: optuna.Trial) -> float:
         from atric.ops.experiment import train_tracked
+        from atric.ops.runlock import run_lock
 
         self.close_gate()
         self.current = trial.number
@@ -113,11 +114,13 @@ class _Worker:
         state, status, started = "FAIL", None, time.perf_counter()
         try:
             run_params = trial_params(self.params, suggest(trial, self.tune))
-            resumed = _resume_from_failed(self.params, trial, run_params)
-            if resumed is not None:
-                trial.set_user_attr("resumed_trial", resumed)
-            result = train_tracked(run_params, run_name=run_name, policy="auto", stage="tune",
-                                   callbacks=[reporter], nested=True, log_model=False)  # fmt: skip
+            # One owner per trial run: the resume copy into its folder and the training itself.
+            with run_lock(run_params.train.models_dir, run_name, f"tune trial {trial.number}"):
+                resumed = _resume_from_failed(self.params, trial, run_params)
+                if resumed is not None:
+                    trial.set_user_attr("resumed_trial", resumed)
+                result = train_tracked(run_params, run_name=run_name, policy="auto", stage="tune",
+                                       callbacks=[reporter], nested=True, log_model=False)  # fmt: skip
             state = "COMPLETE"
             RunPaths.of(run_params.train, run_name).last.unlink(missing_ok=True)  # best.pt is kept
             return float(result.best_score)
