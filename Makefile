@@ -60,7 +60,10 @@ stack-status:
 
 # The worker image with podman (debootstrap base, kept once built); smoke: checks inside it and a
 # 1-trial tune against the local stack (make stack-up first). See deploy/image.sh.
+.PHONY: image image-smoke image-check
 image: venv
 	PYTHON=$(BIN)/python deploy/image.sh build
 image-smoke: venv
 	PYTHON=$(BIN)/python deploy/image.sh smoke
+image-check: venv
+	PYTHON=$(BIN)/python deploy/image.sh check

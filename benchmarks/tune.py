@@ -51,9 +51,15 @@ def fleet(root: Path, env: dict[str, str], url: str, workers: int, trials: int) 
     import optuna
 
     name = f"bench-{workers}"
+    # The URL (with its password) goes by environment, never on a command line a failure prints.
+    env = {**env, "ATRIC_OPTUNA_STORAGE": url}
     args = [sys.executable, str(ROOT / "src" / "tune.py"), "--n-trials", str(trials), "--total-trials",
-            "--study-name", name, "--no-report", "--storage", url]  # fmt: skip
-    subprocess.run([*args, "--create-only"], cwd=root, env=env, check=True, capture_output=True)
+            "--study-name", name]  # fmt: skip
+    # --create-only and --no-report are one mutually exclusive mode: the study first, then the fleet.
+    created = subprocess.run([*args, "--create-only"], cwd=root, env=env, capture_output=True, text=True)
+    if created.returncode:
+        raise SystemExit(f"--create-only exited {created.returncode}:\n{created.stderr[-2000:]}")
+    args.append("--no-report")
     start = time.perf_counter()
     procs = [subprocess.Popen(args, cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(workers)]  # fmt: skip

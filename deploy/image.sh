@@ -5,10 +5,12 @@
 #   deploy/image.sh build   base + the worker image localhost/atric-worker from ./Dockerfile
 #   deploy/image.sh smoke   build, then inside the image: tune.py --help, import atric, and a
 #                           1-trial tune on a tiny corpus against the local stack (deploy/stack.sh)
+#   deploy/image.sh check   the smoke checks alone, on the image already built
 #   deploy/image.sh size    the worker image's size in bytes
 #
 # Env: ATRIC_IMAGE (default localhost/atric-worker), ATRIC_BASE_IMAGE (default localhost/atric-base),
-# ATRIC_DEBIAN_MIRROR (default: the mirror of this machine's apt sources), ATRIC_REBUILD_BASE=1.
+# ATRIC_DEBIAN_MIRROR (default: the mirror of this machine's apt sources), ATRIC_REBUILD_BASE=1,
+# ATRIC_NO_CACHE=1 (build the worker image without podman's layer cache: the cold cost).
 # Elsewhere (a registry, a GPU): docker build --build-arg BASE=nvidia/cuda:... (see Dockerfile).
 #
 # Why these flags: `podman run` is refused on this kind of sandbox (cgroups v1 hybrid, rlimits),
@@ -23,7 +25,7 @@ IMAGE="${ATRIC_IMAGE:-localhost/atric-worker}"
 BASE_IMAGE="${ATRIC_BASE_IMAGE:-localhost/atric-base}"
 export BUILDAH_ISOLATION=chroot
 
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; }
 say() { printf '== %s\n' "$*"; }
 
 need() {
@@ -57,7 +59,7 @@ build_base() {
     local mirror root started
     mirror=$(debian_mirror)
     root=$(mktemp -d /var/tmp/atric-base.XXXXXX)
-    trap 'rm -rf "$root"' RETURN
+    trap 'rm -rf "$root"; trap - RETURN' RETURN  # this call's return only
     started=$SECONDS
     say "debootstrap bookworm from $mirror (a few minutes)"
     debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates \
@@ -120,16 +122,23 @@ build_worker() {
     build_base
     local tmp started
     tmp=$(mktemp -d)
-    trap 'rm -rf "$tmp"' RETURN
+    trap 'rm -rf "$tmp"; trap - RETURN' RETURN  # this call's return only
     mapfile -t mounts < <(pip_mounts "$tmp/pip.conf")
     started=$SECONDS
     say "podman build $IMAGE (BASE=$BASE_IMAGE)"
     # TORCH_INDEX_URL: the torch pin comes from this machine's wheel folder (find-links), so the
     # CPU index of the Dockerfile's default is not needed here; PyPI stands in as the index.
-    podman build --isolation chroot --network host --format docker "${mounts[@]}" \
+    local cache=()
+    if [ "${ATRIC_NO_CACHE:-0}" = 1 ]; then cache=(--no-cache); fi
+    podman build --isolation chroot --network host --format docker "${cache[@]}" "${mounts[@]}" \
         --build-arg BASE="$BASE_IMAGE" \
         --build-arg TORCH_INDEX_URL="${ATRIC_TORCH_INDEX_URL:-https://pypi.org/simple}" \
-        -t "$IMAGE" -f Dockerfile .
+        -t "$IMAGE" -f Dockerfile . 2>&1 | tee "$tmp/build.log"
+    # The slow layer (~200 wheels): podman prints "--> Using cache" right after its step when kept.
+    local deps
+    deps=$(awk '/STEP [0-9]+\/[0-9]+: RUN pip install -r / {seen=1; next}
+                seen && /^--> / {print (/Using cache/ ? "cached" : "rebuilt"); exit}' "$tmp/build.log")
+    say "dependency layer ${deps:-unknown}"
     say "worker image built in $((SECONDS - started)) s, $(image_size) bytes"
 }
 
@@ -146,11 +155,23 @@ in_image() {
 
 smoke() {
     build_worker
+    check
+}
+
+check() {
+    podman image exists "$IMAGE" || { echo "error: no image $IMAGE: deploy/image.sh build" >&2; exit 1; }
     local envs=()
     say "smoke: python src/tune.py --help"
     in_image python src/tune.py --help >/dev/null
-    say "smoke: runs as $(in_image id -u):$(in_image id -g), not root"
-    [ "$(in_image id -u)" != 0 ] || { echo "error: the image runs as root" >&2; exit 1; }
+    # Non-root: the image's USER (what docker/podman run use) and the uid a container gets.
+    local user ids
+    user=$(podman image inspect --format '{{.Config.User}}' "$IMAGE")
+    ids=$(in_image bash -c 'echo "$(id -u):$(id -g)"')
+    if [ "$user" != 10001:10001 ] || [ "$ids" != 10001:10001 ]; then
+        echo "error: the image must run as 10001:10001, not root (USER '$user', runs as $ids)" >&2
+        exit 1
+    fi
+    say "smoke: runs as $ids, not root (USER $user)"
     say "smoke: import atric"
     in_image python -c "import atric, atric.ops.tuning, torch; print('atric', atric.__version__, 'torch', torch.__version__)"
 
@@ -183,13 +204,16 @@ raw["tune"] = {"space": {"lr": {"type": "float", "low": 1.0e-3, "high": 3.0e-2, 
 fakes.write_params(root / "params.yaml", raw)
 EOF
         python /workspace/src/tune.py --n-trials 1 --study-name "smoke-$(date +%s%N)" --no-report'
-    say "smoke passed; image $IMAGE is $(image_size) bytes"
+    local size
+    size=$(image_size)
+    say "smoke passed; image $IMAGE is $size bytes ($(awk -v b="$size" 'BEGIN {printf "%.2f GB", b / 1e9}'))"
 }
 
 case "${1:-}" in
     base) need; build_base ;;
     build) need; build_worker ;;
     smoke) need; smoke ;;
+    check) need; check ;;
     size) image_size ;;
     -h | --help | help) usage ;;
     *) usage >&2; exit 2 ;;
