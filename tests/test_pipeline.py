@@ -61,11 +61,13 @@ def repro(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 
 def test_repro_trains_every_run_of_the_matrix(repro: tuple[Path, dict[str, str]]) -> None:
     work, env = repro
-    runs = [f"logmel-{p}" for p in TINY["train"]["poolings"]]
+    runs = [*(f"logmel-{p}" for p in TINY["train"]["poolings"]), "fused-netrvlad"]
     for run in runs:
         assert (work / "models" / run / "best.pt").is_file()
         test_metrics = json.loads((work / "metrics" / "test" / f"{run}.json").read_text())
         assert 0 <= test_metrics["t2a_R10"] <= 100
+        # The default corpus has mirror pairs: evaluation reports the order metric on them.
+        assert test_metrics["order_pairs"] > 0 and 0 <= test_metrics["order_accuracy"] <= 100
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], work, env).stdout)
     files = {f for ws in shown.values() for f in ws["data"]}
     assert {f"metrics/test/{run}.json" for run in runs} <= files

@@ -11,11 +11,12 @@ from atric.data import SplitData, open_split
 from atric.device import resolve_device
 from atric.embed import split_similarity
 from atric.engine.checkpoint import load_checkpoint
-from atric.engine.runs import RunPaths, evaluation_metrics_path
+from atric.engine.runs import RunPaths, evaluation_metrics_path, run_name_for
 from atric.errors import AtricError, CheckpointError, ConfigError, DataError
 from atric.factory import model_from_checkpoint
 from atric.layout import EVAL_CAPTIONS_PER_CLIP, Layout
 from atric.metrics import retrieval_metrics
+from atric.order import order_metrics
 from atric.model import RetrievalModel
 from atric.precision import FP32, Precision
 
@@ -29,8 +30,10 @@ def evaluate_split(
     num_workers: int = 0,
     precision: Precision = FP32,
     where: str = "",
+    layout: Layout | None = None,
 ) -> dict[str, float]:
-    """Retrieval metrics of ``model`` on a val/test split (5 captions per clip)."""
+    """Retrieval metrics of ``model`` on a val/test split (5 captions per clip); with ``layout``,
+    also the mirror-pair order metrics where the split has such pairs (``atric.order``)."""
     sim = split_similarity(
         model, data, device=device, batch_size=batch_size, num_workers=num_workers, precision=precision
     )
@@ -39,7 +42,10 @@ def evaluate_split(
             f"{where or data.split}: the {data.split} similarities hold NaN/inf: the model diverged "
             "(lower train.lr)"
         )
-    return retrieval_metrics(sim, captions_per_clip=EVAL_CAPTIONS_PER_CLIP)
+    metrics = retrieval_metrics(sim, captions_per_clip=EVAL_CAPTIONS_PER_CLIP)
+    if layout is not None:
+        metrics.update(order_metrics(sim, layout, data.split, clip_ids=[c.clip_id for c in data.clips]))
+    return metrics
 
 
 def check_experts_known(layout: Layout, experts: list[str] | tuple[str, ...], split: str = "train") -> None:
@@ -73,9 +79,9 @@ def evaluate_checkpoint(
     check_writable(output.parent)  # before minutes of work, not after
     device = resolve_device(tp.device)
     path = paths.best if which == "best" else paths.last
-    if not path.exists() and "-" in run_name:
+    if not path.exists() and run_name == run_name_for(tp):
         # `--expert mfcc` asks for run mfcc-<pooling>: say the expert is unknown, not "not trained".
-        check_experts_known(layout, run_name.rsplit("-", 1)[0].split("+"), split)
+        check_experts_known(layout, tp.experts, split)
     checkpoint = load_checkpoint(path)
     check_experts_known(layout, list(checkpoint["max_frames"]), split)
     trained_vectors = checkpoint["signature"].get("text.vectors")
@@ -107,6 +113,7 @@ def evaluate_checkpoint(
             num_workers=tp.num_workers,
             precision=Precision.create(tp.precision, device),
             where=run_name,
+            layout=layout,
         )
     finally:
         data.close()
