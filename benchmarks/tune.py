@@ -9,7 +9,8 @@ On the tiny fake layout of tests/fakes.py, in a temp dir, against a throwaway Po
 trials/hour, the exact total reached (no overshoot), and lost work (epochs trained by trials
 that did not end COMPLETE/PRUNED: nothing is killed here, so any is a bug). Overhead per trial =
 (1-worker seconds per trial - bare ``engine.train`` seconds per run), the pruner off so every
-trial trains every epoch. Prints JSON with the machine's `uptime` load.
+trial trains every epoch. Prints JSON with the machine's `uptime` load; the last run is kept in
+benchmarks/results/tune.json (`python benchmarks/tune.py > benchmarks/results/tune.json`).
 """
 
 from __future__ import annotations
