@@ -22,6 +22,7 @@ import numpy as np
 
 from atric.config import Params
 from atric.errors import DataError
+from atric.text.vectors import PRECOMPUTED as LEGACY_VECTORS
 from atric.layout import (
     SPLITS,
     FeatureFile,
@@ -36,7 +37,6 @@ from atric.layout import (
 )
 
 SOURCE = "seed"
-LEGACY_VECTORS = "w2v"  # text.vectors naming the original's TextEmbeddings/w2v_<split>.pkl
 
 
 class RawSeedLayout(Layout):

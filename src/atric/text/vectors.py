@@ -461,6 +461,14 @@ class MiniLMSource(VectorSource):
         return self._hash
 
 
+# The original's TextEmbeddings/w2v_<split>.pkl, imported as they are (atric.corpus.seed).
+PRECOMPUTED = "w2v"
+
+
+class PrecomputedOnlyError(ConfigError):
+    """The captions' embeddings exist, but no word vectors to embed a new query with."""
+
+
 def load_vectors(spec: str, text: TextParams, layout: Layout | None = None) -> VectorSource:
     """The vector source named by ``text.vectors`` (``spec``); ``train`` needs the layout."""
     if spec == GLOVE:
@@ -471,6 +479,12 @@ def load_vectors(spec: str, text: TextParams, layout: Layout | None = None) -> V
         return load_trained(layout, text)
     if spec == MINILM:
         return MiniLMSource()
+    if spec == PRECOMPUTED:
+        raise PrecomputedOnlyError(
+            f"text.vectors: {PRECOMPUTED!r} names the original's precomputed caption embeddings "
+            "(data.source: seed): they hold no word vectors to embed new text; to search by text, train "
+            "with vectors atric can look words up in (e.g. the GoogleNews word2vec file: text.vectors=<path>)"
+        )
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(
