@@ -98,7 +98,7 @@ def test_mlflow_holds_one_finished_run_per_matrix_cell(repro: tuple[Path, dict[s
     out = _run([sys.executable, "-c", script], work, env).stdout.splitlines()
     runs = json.loads(out[0])
     champion_run_id = json.loads(out[1])
-    assert sorted(name for name, _, _ in runs) == ["logmel-mean", "logmel-netrvlad"]
+    assert sorted(name for name, _, _ in runs) == ["fused-netrvlad", "logmel-mean", "logmel-netrvlad"]
     for _, status, metrics in runs:
         assert status == "FINISHED"
         assert {"val_t2a_R10", "train_loss", "test_t2a_R10"} <= set(metrics)
