@@ -88,6 +88,15 @@ def tiny_params(root: Path, **train: Any) -> dict[str, Any]:
     }
 
 
+def fake_params(data_root: Path, out: Path, **train: Any) -> Any:
+    """Validated Params for the fake layout under ``data_root`` with outputs under ``out``."""
+    from atric.config import Params
+
+    raw = tiny_params(out, **train)
+    raw["data"]["root"] = str(data_root / "data")
+    return Params.model_validate(raw)
+
+
 def write_params(path: Path, params: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(params), encoding="utf-8")
     return path

@@ -45,6 +45,14 @@ def _frame_counts(mask: Tensor, dtype: torch.dtype) -> Tensor:
     return mask.sum(dim=1, keepdim=True).clamp(min=1).to(dtype)
 
 
+def _real_frames_first(x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's real frames moved to the front, in their order (a stable sort on "is padding"),
+    and the rows' real lengths: what order-aware poolings step over, wherever the mask had holes."""
+    batch, frames, dim = x.shape
+    order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
+    return x.gather(1, order.unsqueeze(-1).expand(batch, frames, dim)), mask.sum(dim=1)
+
+
 class MeanPooling(nn.Module):
     """L2-normalise each frame, average the real frames, L2-normalise the average."""
 
@@ -93,12 +101,8 @@ class LSTMPooling(nn.Module):
         self.lstm = nn.LSTM(input_dim, hidden, num_layers=1, batch_first=True)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = _check_inputs(x, mask, self.input_dim)
-        batch, frames, dim = x.shape
-        # Stable sort on "is padding" puts real frames first, in their original order.
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-        x = x.gather(1, order.unsqueeze(-1).expand(batch, frames, dim))
-        lengths = mask.sum(dim=1)
+        x, lengths = _real_frames_first(_check_inputs(x, mask, self.input_dim), mask)
+        frames = x.shape[1]
         # pack_padded_sequence rejects zero lengths: run empty rows on one (zero) frame, drop later.
         packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
         out, _ = self.lstm(packed)
@@ -137,11 +141,8 @@ class SeqTransfPooling(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, num_layers=1, enable_nested_tensor=False)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = _check_inputs(x, mask, self.input_dim)
-        batch, frames, dim = x.shape
-        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)
-        x = x.gather(1, order.unsqueeze(-1).expand(batch, frames, dim))
-        lengths = mask.sum(dim=1)
+        x, lengths = _real_frames_first(_check_inputs(x, mask, self.input_dim), mask)
+        frames = x.shape[1]
         real = torch.arange(frames, device=x.device).unsqueeze(0) < lengths.clamp(min=1).unsqueeze(1)
         h = self.project(x) + _sinusoid(frames, self.output_dim, x.device, x.dtype)
         out = self.encoder(h, src_key_padding_mask=~real)
