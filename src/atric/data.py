@@ -13,6 +13,8 @@ Training batches are either (clip, caption) pairs (``train.sampling: pairs``) or
 all their captions (``clip``, the original's); both are collated with every distinct clip
 once: a clip with several captions in the batch is one audio column and ``caption_clip`` maps
 each caption row to that column (what the losses expect).
+
+Why one module of this size: opening and checking a split, its datasets and its collation define together what a batch holds.
 """
 
 from __future__ import annotations
@@ -492,16 +494,22 @@ class ClipCaptionsCollate(PairCollate):
 
 
 class ClipDataset(Dataset[dict[str, np.ndarray]]):
-    """The clips of a split in index order (for embedding every clip once)."""
+    """The clips of a split in index order (for embedding every clip once); ``time_reversed``
+    plays each clip's frames backwards (the order metric's control: order-blind poolings do
+    not change, a model that uses order does)."""
 
-    def __init__(self, data: SplitData) -> None:
+    def __init__(self, data: SplitData, time_reversed: bool = False) -> None:
         self.data = data
+        self.time_reversed = time_reversed
 
     def __len__(self) -> int:
         return len(self.data.clips)
 
     def __getitem__(self, clip: int) -> dict[str, np.ndarray]:
-        return {name: expert.frames(clip) for name, expert in self.data.experts.items()}
+        frames = {name: expert.frames(clip) for name, expert in self.data.experts.items()}
+        if self.time_reversed:
+            frames = {name: np.ascontiguousarray(x[::-1]) for name, x in frames.items()}
+        return frames
 
 
 class ClipCollate:

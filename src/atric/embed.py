@@ -21,10 +21,12 @@ from atric.precision import FP32, Precision
 AudioEmbeddings = dict[str, Tensor]  # expert -> [N, E] float32, unit norm
 
 
-def clip_loader(data: SplitData, *, batch_size: int, num_workers: int = 0, device: torch.device) -> DataLoader:
+def clip_loader(
+    data: SplitData, *, batch_size: int, num_workers: int = 0, device: torch.device, time_reversed: bool = False
+) -> DataLoader:
     """Every clip of ``data`` once, in index order, padded/cut to the split's lengths."""
     return DataLoader(
-        ClipDataset(data),
+        ClipDataset(data, time_reversed),
         batch_size=batch_size,
         collate_fn=ClipCollate(data.max_frames),
         num_workers=num_workers,
@@ -42,10 +44,12 @@ def embed_clips(
     batch_size: int,
     num_workers: int = 0,
     precision: Precision = FP32,
+    time_reversed: bool = False,
 ) -> AudioEmbeddings:
     """expert -> [N, E] clip embeddings (on ``device``), clips in index order."""
     parts: dict[str, list[Tensor]] = {name: [] for name in model.experts}
-    for audio in clip_loader(data, batch_size=batch_size, num_workers=num_workers, device=device):
+    loader = clip_loader(data, batch_size=batch_size, num_workers=num_workers, device=device, time_reversed=time_reversed)
+    for audio in loader:
         audio = {k: (x.to(device), m.to(device)) for k, (x, m) in audio.items()}
         with precision.autocast():
             embedded = model.encode_audio(audio)
@@ -85,6 +89,7 @@ def split_similarity(
     batch_size: int,
     num_workers: int = 0,
     precision: Precision = FP32,
+    time_reversed: bool = False,
 ) -> np.ndarray:
     """sim [n_captions, n_clips] (float32): row i is caption i in clip-major order, so with 5
     captions per clip row i belongs to clip i // 5 (the evaluation protocol's order)."""
@@ -92,7 +97,8 @@ def split_similarity(
     model.eval()
     try:
         audio = embed_clips(
-            model, data, device=device, batch_size=batch_size, num_workers=num_workers, precision=precision
+            model, data, device=device, batch_size=batch_size, num_workers=num_workers, precision=precision,
+            time_reversed=time_reversed,
         )
         text, weights = embed_captions(model, data, device=device, batch_size=batch_size, precision=precision)
         rows = []

@@ -10,6 +10,8 @@ data/<Dataset>/TextEmbeddings/w2v_<split>.pkl        legacy: read by atric.legac
 data/<Dataset>/manifest.json        clip id -> split, audio path, duration, captions
 ```
 Every writer goes through a temp file and a rename, so a crash leaves the old file or none.
+
+Why one module of this size: every reader and writer of the seed layout's file formats, in one place.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Runs are named ``<expert>-<pooling>`` (trained with ``train.seed``) or
 ``<expert>-<pooling>-seed<k>`` (an extra seed k); the table shows, per (expert, pooling), the
 mean and standard deviation over the seeds found. Whether two poolings differ by more than the
 seed noise is Welch's t-test (scipy, two-sided, alpha 0.05) on the test t2a geometric mean.
+
+Why one module of this size: the table, the seed-noise test, the order section and the plots share one set of parsed runs.
 """
 
 from __future__ import annotations

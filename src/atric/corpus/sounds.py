@@ -5,6 +5,8 @@ sweeping, decaying ...) and random within-type variation (pitch, rate, timbre), 
 type is a family of sounds rather than one template. Renderers are pure numpy/scipy and
 draw all randomness from the generator they are given, which keeps the corpus deterministic.
 The words captions use for each type are data: ``events.yaml`` (read by ``atric.corpus.events``).
+
+Why one module of this size: 27 renderers of one short function each.
 """
 
 from __future__ import annotations

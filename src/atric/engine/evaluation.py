@@ -16,8 +16,8 @@ from atric.errors import AtricError, CheckpointError, ConfigError, DataError
 from atric.factory import model_from_checkpoint
 from atric.layout import EVAL_CAPTIONS_PER_CLIP, Layout
 from atric.metrics import retrieval_metrics
-from atric.order import order_metrics
 from atric.model import RetrievalModel
+from atric.order import order_metrics
 from atric.precision import FP32, Precision
 
 
@@ -43,8 +43,23 @@ def evaluate_split(
             "(lower train.lr)"
         )
     metrics = retrieval_metrics(sim, captions_per_clip=EVAL_CAPTIONS_PER_CLIP)
-    if layout is not None:
-        metrics.update(order_metrics(sim, layout, data.split, clip_ids=[c.clip_id for c in data.clips]))
+    if layout is None:
+        return metrics
+    clip_ids = [c.clip_id for c in data.clips]
+    order = order_metrics(sim, layout, data.split, clip_ids=clip_ids)
+    if order:
+        # The control: the same clips played backwards. Mirror clips also differ in cues other
+        # than order (modifiers, loudness), so chance is not the baseline; the reversed score is.
+        reversed_sim = split_similarity(
+            model, data, device=device, batch_size=batch_size, num_workers=num_workers, precision=precision,
+            time_reversed=True,
+        )
+        control = order_metrics(reversed_sim, layout, data.split, clip_ids=clip_ids)
+        for key in ("order_accuracy", "order_accuracy_sequential"):
+            if key in order:
+                order[f"{key}_reversed"] = control[key]
+                order[f"{key.replace('accuracy', 'gain')}"] = order[key] - control[key]
+    metrics.update(order)
     return metrics
 
 

@@ -27,6 +27,8 @@ Vector sources (``text.vectors``):
     (no header), fastText binary (.bin; synthesises vectors for unseen words from
     character n-grams, so nothing is OOV). gensim's own pickle-based format is not
     accepted from a path: loading it would run code from the file.
+
+Why one module of this size: four vector sources behind one interface, each with its own loading and caching.
 """
 
 from __future__ import annotations
