@@ -20,7 +20,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fakes
 
 from atric import engine, factory
-from atric.config import Params
 from atric.engine import loop
 from atric.errors import AtricError, CheckpointError, DataError
 from atric.model import POOLINGS
@@ -28,27 +27,12 @@ from atric.model import POOLINGS
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: thread hand-offs cost more than the work, and results must not depend
-    on how many cores the other tests leave free (the subprocess test uses one thread too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fake")
-    fakes.write_fake_layout(root / "data")
-    return root
 
 
-def make_params(data_root: Path, out: Path, **train: Any) -> Params:
-    raw = fakes.tiny_params(out, **train)
-    raw["data"]["root"] = str(data_root / "data")
-    return Params.model_validate(raw)
+make_params = fakes.fake_params
 
 
 def read_json(path: Path) -> Any:

@@ -38,11 +38,6 @@ RUN = "fa-netrvlad"  # run_name_for(fakes.tiny_params)
 SECRET = "s3cr3t-pw"
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fake")
-    fakes.write_fake_layout(root / "data")
-    return root
 
 
 def _params_file(data_root: Path, out: Path, **train: object) -> Path:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fakes
 
 from atric import engine
-from atric.config import Params
 from atric.data import DEFAULT_MAX_FRAMES, open_split, resolve_max_frames, truncation
 from atric.errors import DataError
 from atric.layout import Layout
@@ -30,12 +28,7 @@ def clip_frames(durations: list[float], hop: float) -> np.ndarray:
     return np.array([max(1, round(d / hop)) for d in durations])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("expert", list(HOPS))
@@ -117,17 +110,9 @@ def test_caption_similarities_are_averaged_per_clip() -> None:
     assert torch.allclose(merged, expected)
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fake")
-    fakes.write_fake_layout(root / "data")
-    return root
 
 
-def make_params(data_root: Path, out: Path, **train: Any) -> Params:
-    raw = fakes.tiny_params(out, **train)
-    raw["data"]["root"] = str(data_root / "data")
-    return Params.model_validate(raw)
+make_params = fakes.fake_params
 
 
 def test_clip_sampling_is_one_step_per_batch_of_distinct_clips(data_root: Path) -> None:
@@ -218,3 +203,24 @@ def test_seqtransf_with_noam_trains_and_resumes_exactly(data_root: Path, tmp_pat
     engine.train(make_params(data_root, tmp_path / "cut", **{**settings, "epochs": 1}))
     resumed = engine.train(make_params(data_root, tmp_path / "cut", **settings))
     assert resumed.resumed_from == 1 and resumed.history == full.history
+
+
+@pytest.mark.parametrize(("pooling", "order_blind"), [("mean", True), ("lstm", False)])
+def test_time_reversed_control_leaves_order_blind_poolings_unchanged(
+    data_root: Path, tmp_path: Path, pooling: str, order_blind: bool
+) -> None:
+    from atric.embed import split_similarity
+
+    result = engine.train(make_params(data_root, tmp_path, epochs=1, pooling=pooling))
+    checkpoint = engine.load_checkpoint(result.paths.best)
+    from atric.factory import model_from_checkpoint
+
+    model = model_from_checkpoint(checkpoint)
+    data = open_split(Layout(fakes.DATASET, data_root / "data"), "test", experts=["fa"], vectors=fakes.VECTORS,
+                      max_frames=dict(checkpoint["max_frames"]))
+    try:
+        forward = split_similarity(model, data, device=torch.device("cpu"), batch_size=8)
+        backward = split_similarity(model, data, device=torch.device("cpu"), batch_size=8, time_reversed=True)
+    finally:
+        data.close()
+    assert np.allclose(forward, backward, atol=1e-5) == order_blind

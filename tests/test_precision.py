@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -14,24 +13,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 import fakes
 
 from atric import engine
-from atric.config import Params
 from atric.errors import CheckpointError, ConfigError
 from atric.precision import Precision
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (AMP with fp16/bf16 on GPU)")
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fake")
-    fakes.write_fake_layout(root / "data")
-    return root
 
 
-def make_params(data_root: Path, out: Path, **train: Any) -> Params:
-    raw = fakes.tiny_params(out, **train)
-    raw["data"]["root"] = str(data_root / "data")
-    return Params.model_validate(raw)
+make_params = fakes.fake_params
 
 
 def test_names_map_to_autocast_dtypes_and_a_scaler_only_for_fp16() -> None:

@@ -51,12 +51,7 @@ CLIPS = {"train": 32, "val": 8, "test": 8}
 WORD_DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_layout(root: Path, vectors_path: Path, seed: int = 0) -> None:
