@@ -224,3 +224,9 @@ def test_time_reversed_control_leaves_order_blind_poolings_unchanged(
     finally:
         data.close()
     assert np.allclose(forward, backward, atol=1e-5) == order_blind
+
+
+def test_the_datasets_default_duration_is_not_refused_on_short_clips() -> None:
+    # A user's CLOTHO subset of short clips: the 30 s default pads, it is not the user's typo.
+    frames = resolve_max_frames("CLOTHO", ["logmel"], {}, {"logmel": np.array([5, 9])}, hops={"logmel": 0.1})
+    assert frames == {"logmel": 300}

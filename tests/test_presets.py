@@ -91,7 +91,9 @@ def test_the_readme_clotho_recipe_runs_for_real(tmp_path: Path) -> None:
         ["dvc", "commit", "-f", "data.dvc"],  # README: data.dvc now records your corpus
         ["dvc", "exp", "run", *[f for item in preset_overrides(REPO / "params" / "paper-clotho.yaml", REPO / "params.yaml")
                                 for f in ("-S", item)],
-         "-S", "train.epochs=2", "-S", "train.poolings=[netrvlad]", "-S", "train.device=cpu"],
+         # tiny: 2 epochs, one pooling, clips of 0.1-0.9 s (a real Clotho clip is 15-30 s: max_seconds 30)
+         "-S", "train.epochs=2", "-S", "train.poolings=[netrvlad]", "-S", "train.device=cpu",
+         "-S", "train.max_seconds=2"],
     ]
     for args in steps:
         result = _run(args, work)

@@ -195,7 +195,9 @@ def resolve_max_frames(
             if value < 1:
                 raise DataError(f"{key}: must be >= 1, got {value}")
         elif seconds is not None and hop:
-            value, key = max(1, math.ceil(seconds / hop - 1e-9)), "train.max_seconds"
+            # Only a length the params set is checked below: the dataset's default is not a user's typo.
+            key = "train.max_seconds" if max_seconds is not None else ""
+            value = max(1, math.ceil(seconds / hop - 1e-9))
         elif expert in DEFAULT_MAX_FRAMES.get(dataset, {}):
             value, key = DEFAULT_MAX_FRAMES[dataset][expert], ""
         else:
