@@ -180,10 +180,14 @@ def resolve_max_frames(
     *,
     max_seconds: float | None = None,
     hops: Mapping[str, float | None] | None = None,
+    check: bool = True,
 ) -> dict[str, int]:
     """Padded length per expert, in this order: ``train.max_frames.<expert>`` (frames), a
     duration (``train.max_seconds``, else the dataset's whole-clip duration) over the file's
-    recorded hop, the original's frame counts for files without a hop, the 95th percentile."""
+    recorded hop, the original's frame counts for files without a hop, the 95th percentile.
+
+    ``check``: refuse a length the params set that is over 10x the longest clip (the train
+    split's; val/test are opened with the train split's lengths and are not checked again)."""
     hops = hops or {}
     result: dict[str, int] = {}
     for expert in experts:
@@ -202,7 +206,7 @@ def resolve_max_frames(
             value, key = DEFAULT_MAX_FRAMES[dataset][expert], ""
         else:
             value, key = max(1, int(np.ceil(np.percentile(train_lengths[expert], LENGTH_PERCENTILE)))), ""
-        if key and value > MAX_LENGTH_RATIO * longest:
+        if check and key and value > MAX_LENGTH_RATIO * longest:
             given = f"{max_seconds} s = {value} frames" if key == "train.max_seconds" else f"{value} frames"
             raise DataError(
                 f"{key}: {given} of {expert} is more than {MAX_LENGTH_RATIO}x the longest train clip "
@@ -305,6 +309,7 @@ def open_split(
         {e: lengths for e, (_, lengths) in scans.items()},
         max_seconds=max_seconds,
         hops=hops,
+        check=split == "train",
     )
     features = {
         expert: ExpertFeatures(
