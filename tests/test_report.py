@@ -235,3 +235,24 @@ def test_missing_test_metric_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"logmel-mean.json: missing metric\(s\) a2t_R50"):
         load_run_metrics(tmp_path)
     assert np.isfinite(eval_row(1.0)["t2a_R1"])
+
+
+def test_a_fused_champion_is_not_registered_and_the_report_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The served MLflow model embeds one expert: a multi-expert champion has none to register."""
+    import torch
+
+    from atric.ops import tracking
+    from atric.ops.champion import write_champion
+
+    params = Params.model_validate({"train": {"models_dir": str(tmp_path / "models"), "metrics_dir": str(tmp_path / "m")}})
+    run_dir = tmp_path / "models" / "fused-netrvlad"
+    run_dir.mkdir(parents=True)
+    (run_dir / tracking.RUN_ID_FILE).write_text(json.dumps({"run_id": "0" * 32}))
+    torch.save({"format": 1, "model_config": {"expert_dims": {"aisfx": 512, "logmel": 128}}}, run_dir / "best.pt")
+    champion = write_champion(
+        {"run": "fused-netrvlad", "metric": CHAMPION_METRIC, "value": 1.0, "split": "val", "dataset": "SynthCaps",
+         "candidates": {"fused-netrvlad": 1.0}},
+        tmp_path / "champion.json",
+    )
+    monkeypatch.setattr(tracking, "register_with_alias", lambda *a: pytest.fail("must not register a fused model"))
+    assert register_champion(params, champion) is None

@@ -23,7 +23,7 @@ from typing import Any
 
 from atric.atomic import write_json_atomic
 from atric.config import Params
-from atric.engine import SELECTION_METRIC, RunPaths
+from atric.engine import SELECTION_METRIC, RunPaths, load_checkpoint
 from atric.errors import DataError
 from atric.ops import tracking
 
@@ -107,6 +107,12 @@ def register_champion(params: Params, path: str | Path = CHAMPION_FILE) -> str |
     run_file = RunPaths.of(params.train, run_name).run_dir / tracking.RUN_ID_FILE
     if not run_file.exists():
         log.info("%s: no MLflow run recorded; nothing registered", run_name)
+        return None
+    best = RunPaths.of(params.train, run_name).best
+    if best.exists() and len(load_checkpoint(best)["model_config"]["expert_dims"]) > 1:
+        # The served MLflow model embeds one expert's features (experiment.AudioEmbedder); a fused
+        # champion is served from its checkpoint by the index and search, not from the registry.
+        log.info("%s: a multi-expert champion has no MLflow model to register; the alias is not moved", run_name)
         return None
     run_id = json.loads(run_file.read_text())["run_id"]
     tracking.configure()
