@@ -216,7 +216,7 @@ def test_report_text_one_seed_trivial_recalls_and_order(tmp_path: Path) -> None:
     assert "**" not in lstm.split(" | ")[column] and "**" in lstm.split(" | ")[column - 1]
     assert (
         "| logmel | lstm | 1 | 80.0 | - | - | 90.0 | - | 2 |" in text
-        and "| logmel | mean | 1 | 50.0 | 50.0 | 2 |" in text
+        and "| logmel | mean | 1 | 50.0 | - | - | 50.0 | - | 2 |" in text
     )
     for png in ("recall_at_k.png", "validation_curves.png", "order_accuracy.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
