@@ -7,12 +7,13 @@ clips found in complete shards (and in an existing output) whose params hash and
 audio fingerprint still match, computes the rest, then merges everything into the
 output through a temp file and a rename, and removes the shards.
 
-Per clip we record the audio file's fingerprint (size and mtime), so an edited or
+Per clip we record the audio file's fingerprint (size and content hash), so an edited or
 regenerated audio file is recomputed while untouched clips are reused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import sys
@@ -79,11 +80,16 @@ def work_dir(output: Path) -> Path:
 
 
 def audio_fingerprint(path: Path) -> str:
+    """Size and a hash of the file's bytes: not its mtime, which differs between two checkouts of
+    the same corpus and would make the feature files (DVC outputs) differ byte for byte."""
     try:
-        stat = path.stat()
+        digest = hashlib.blake2b(digest_size=16)
+        with path.open("rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+        return f"{path.stat().st_size}:{digest.hexdigest()}"
     except OSError:
         return "missing"
-    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _describe(expert: AudioExpert) -> dict[str, Any]:
