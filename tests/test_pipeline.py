@@ -124,7 +124,7 @@ def test_mlflow_ui_lists_the_runs_in_a_real_browser(repro: tuple[Path, dict[str,
     """Headless Chromium renders the experiment page: every run and its metric charts are there."""
     work, env = repro
     out = json.loads(_run([sys.executable, "src/ui_check.py", "--out", "reports/mlflow_ui.png"], work, env).stdout)
-    assert out["runs_listed"] == ["logmel-mean", "logmel-netrvlad"]
+    assert out["runs_listed"] == ["fused-netrvlad", "logmel-mean", "logmel-netrvlad"]
     shot = work / "reports" / "mlflow_ui.png"
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000
 
