@@ -1,27 +1,38 @@
-"""Training throughput, data waiting and peak memory per pooling; evaluation time.
+"""Training speed: this tree against a baseline revision side by side, idle and under load;
+AudioCaps-scale streaming from a cold page cache; metrics time.
 
-    python benchmarks/train.py [--clips 5000] [--steps 20] [--num-workers 2] [--device auto]
+    python benchmarks/train.py --baseline 232b2ad            # side by side, idle and loaded
+    python benchmarks/train.py --stream-clips 50000          # + the real AudioCaps size streamed
 
-Prints one JSON document:
-- ``default_corpus``: on the default corpus's train split (params.yaml: data.dataset,
-  train.experts), when its features exist; else a note saying why it was skipped.
-- ``synthetic``: AudioCaps-shaped features (``--clips`` x 31 x 2048 float32, one caption
-  per clip as in AudioCaps train) written to a temporary HDF5 file and streamed from disk
-  (train.cache_in_ram=no), to show that memory stays bounded whatever the corpus size.
-  ``--clips 50000`` is the real AudioCaps size (about 12.7 GB on disk).
-- ``evaluation``: seconds to compute the metrics of a 5,000 x 1,000 similarity matrix.
+Prints one JSON document (and writes it to ``--out``):
 
-Per pooling: clips/s (distinct clips per second of training steps, after ``--warmup``
-steps), the fraction of step time spent waiting for the next batch (target < 0.10) and
-the peak RSS of the process plus its DataLoader workers (target < 4 GiB; shared pages of
-forked workers count once per process, so this over-estimates).
+- ``side_by_side``: per dataset (the default corpus's train/val splits; AudioCaps-shaped
+  features, ``--clips`` x 31 x 2048 float32 with one caption per train clip as in AudioCaps)
+  and per pooling, the engine's real ``train()`` (training steps, validation on val and both
+  checkpoints every epoch) run by the current tree and by a ``git worktree`` of ``--baseline``
+  in subprocesses, interleaved, on identical data and params (``train.sampling`` pairs, the
+  default; ``--clip-sampling`` adds the paper's clip batching). Reported per side: training
+  captions/s (captions of the train steps / step seconds), step seconds per epoch and whole
+  epoch seconds (with validation and checkpoints), and the current/baseline ratios. The first
+  epoch is left out of the means (one-off warm-up).
+- ``under_load``: the same runs for ``--load-poolings`` beside a competing 2-core load that
+  the benchmark starts itself (two busy processes), as loaded/idle ratios per side.
+- ``streaming``: ``--stream-clips`` AudioCaps-shaped clips written to HDF5, evicted from the
+  page cache (posix_fadvise DONTNEED), then streamed through the engine's own ``train_epoch``
+  with ``--num-workers`` DataLoader workers: clips/s, data-wait share (target < 0.10) and
+  peak RSS of the process and its workers (target < 4 GiB).
+- ``metrics``: milliseconds for the metrics of a 5,000 x 1,000 similarity matrix, both
+  directions (median of 7; target < 20 ms).
+- ``load``: ``uptime`` before and after, cores, torch threads, OMP_WAIT_POLICY.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -29,27 +40,363 @@ import time
 from pathlib import Path
 from typing import Any, Self
 
-import numpy as np
-import psutil
-import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-
-from atric.config import load_params
-from atric.data import SplitData, open_split
-from atric.device import resolve_device
-from atric.engine import train_epoch, train_loader
-from atric.factory import build_loss, build_model, build_optimizer
-from atric.layout import Clip, Layout, write_features, write_index, write_text_embeddings
-from atric.metrics import retrieval_metrics
-from atric.model import POOLINGS
-from atric.precision import Precision
-
+# Recorded before atric is imported (it sets a default): the baseline's children must run
+# with what the user's environment says, not with this tree's default.
+USER_OMP_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+ROOT = Path(__file__).resolve().parents[1]
 GIB = 1 << 30
+RESULTS = ROOT / "benchmarks" / "results" / "train.json"
+BASE_POOLINGS = ("mean", "max", "lstm", "netvlad", "netrvlad")
+
+
+# ------------------------------------------------------------------ one run (a child process)
+def child(args: argparse.Namespace) -> int:
+    """Run ``train()`` of the tree at ``--src`` once and print its timings as JSON."""
+    sys.path.insert(0, args.src)
+    from atric.config import load_params  # the tree under test's own code, imported before torch
+    from atric.data import open_split
+    from atric.engine import train
+    from atric.layout import Layout
+
+    # isort: split
+    import torch
+
+    params = load_params(args.params, json.loads(args.overrides))
+    tp = params.train
+    layout = Layout(params.data.dataset, params.data.root)
+    data = open_split(
+        layout, "train", experts=tp.experts, vectors=params.text.vectors, max_frames=tp.max_frames
+    )
+    captions, clips = len(data.words), len(data)
+    data.close()
+    items = clips if tp.sampling == "clip" else captions
+    batch = min(tp.batch_size, items)
+    train_captions = (items // batch) * batch if tp.sampling == "pairs" else None
+    start = time.perf_counter()
+    epoch_ends: list[float] = []
+
+    class Clock:
+        def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+            epoch_ends.append(time.perf_counter())
+
+    result = train(params, restart=True, callbacks=[Clock()])
+    whole = [b - a for a, b in zip([start, *epoch_ends[:-1]], epoch_ends)]
+    steps = result.epoch_seconds
+    if train_captions is None:  # clip sampling: every caption of each drawn clip
+        per_clip = captions / clips
+        train_captions = round((clips // batch) * batch * per_clip)
+    print(
+        json.dumps(
+            {
+                "torch_threads": torch.get_num_threads(),
+                "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                "epochs": len(steps),
+                "train_captions_per_epoch": train_captions,
+                "step_seconds": steps,
+                "epoch_seconds": whole,
+                "data_wait_fraction": result.data_wait_fraction,
+            }
+        )
+    )
+    return 0
+
+
+def _summary(run: dict[str, Any]) -> dict[str, Any]:
+    steady = slice(1, None) if run["epochs"] > 1 else slice(None)
+    step = statistics.mean(run["step_seconds"][steady])
+    whole = statistics.mean(run["epoch_seconds"][steady])
+    return {
+        "captions_per_s": round(run["train_captions_per_epoch"] / step, 1),
+        "step_seconds_per_epoch": round(step, 3),
+        "epoch_seconds": round(whole, 3),
+        "data_wait_fraction": round(statistics.mean(run["data_wait_fraction"][steady]), 4),
+        "torch_threads": run["torch_threads"],
+        "omp_wait_policy": run["omp_wait_policy"],
+    }
+
+
+def run_child(src: Path, params_file: Path, overrides: list[str], *, baseline: bool) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if USER_OMP_WAIT_POLICY is not None:
+        env["OMP_WAIT_POLICY"] = USER_OMP_WAIT_POLICY
+    env["PYTHONPATH"] = str(src)
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        "--src",
+        str(src),
+        "--params",
+        str(params_file),
+        "--overrides",
+        json.dumps(overrides),
+    ]
+    done = subprocess.run(
+        command, env=env, capture_output=True, text=True, cwd=src.parent, timeout=3600, check=False
+    )
+    if done.returncode != 0:
+        side = "baseline" if baseline else "current"
+        raise SystemExit(f"{side} run failed ({' '.join(overrides)}):\n{done.stderr[-3000:]}")
+    return _summary(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+# ------------------------------------------------------------------ a competing load
+class CompetingLoad:
+    """``processes`` busy processes (another job on the same cores) while the block runs."""
+
+    def __init__(self, processes: int = 2) -> None:
+        self.processes = processes
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Self:
+        spin = "import time\nend = time.time() + 3600\nwhile time.time() < end: pass"
+        self._procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(self.processes)]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self._procs:
+            proc.kill()
+            proc.wait()
+
+
+# ------------------------------------------------------------------ data
+def write_audiocaps_shaped(
+    root: Path, clips: int, val_clips: int, frames: int, dim: int, text_dim: int
+) -> str:
+    """AudioCaps-shaped train (one caption per clip) and val (five) splits under ``root``."""
+    import numpy as np
+
+    from atric.layout import Clip, Layout, write_features, write_index, write_text_embeddings
+
+    layout = Layout("BenchCaps", root)
+    rng = np.random.default_rng(0)
+    for split, n, per_clip in (("train", clips, 1), ("val", val_clips, 5)):
+        ids = [f"{split}{i:06d}" for i in range(n)]
+        write_index(
+            layout.index_path(split),
+            [Clip(c, tuple(f"caption {k} of {c}" for k in range(per_clip))) for c in ids],
+            split,
+        )
+
+        def features(ids: list[str] = ids):  # generated clip by clip: memory stays small at any size
+            for clip_id in ids:
+                yield clip_id, rng.standard_normal((frames, dim), dtype=np.float32)
+
+        write_features(layout.features_path("bench", split), features(), {"expert": "bench", "dim": dim})
+        words = {
+            c: [
+                rng.standard_normal((int(rng.integers(6, 21)), text_dim), dtype=np.float32)
+                for _ in range(per_clip)
+            ]
+            for c in ids
+        }
+        write_text_embeddings(layout.text_path("benchvec", split), words, {"vectors": "benchvec"})
+    return "BenchCaps"
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """Evict a file's pages so the next read comes from the disk (no root needed)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+
+
+# ------------------------------------------------------------------ sections
+def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Baseline and current on identical data and params, interleaved per pooling."""
+    baseline_tree = work / "baseline"
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(baseline_tree), args.baseline],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        trees = {"baseline": baseline_tree / "src", "current": ROOT / "src"}
+        # Each side reads its own params.yaml; the benchmark pins what it compares.
+        datasets: dict[str, list[str]] = {
+            "default_corpus": [f"data.root={ROOT / 'data'}"],
+        }
+        if args.clips:
+            bench_root = work / "bench-data"
+            write_audiocaps_shaped(bench_root, args.clips, args.val_clips, 31, 2048, 300)
+            datasets["audiocaps_shaped"] = [
+                f"data.root={bench_root}",
+                "data.dataset=BenchCaps",
+                'train.experts=["bench"]',
+                "text.vectors=benchvec",
+                'train.max_frames={"bench": 31}',
+            ]
+        out: dict[str, Any] = {}
+        loaded: dict[str, Any] = {}
+        for name, data_overrides in datasets.items():
+            out[name] = {}
+            samplings = ["pairs", "clip"] if args.clip_sampling and name == "default_corpus" else ["pairs"]
+            for sampling in samplings:
+                for pooling in args.poolings:
+                    key = pooling if sampling == "pairs" else f"{pooling} (clip sampling)"
+                    overrides = [
+                        *data_overrides,
+                        f"train.pooling={pooling}",
+                        f"train.sampling={sampling}",
+                        f"train.epochs={args.epochs}",
+                        f"train.models_dir={work / 'models'}",
+                        f"train.metrics_dir={work / 'metrics'}",
+                        "train.device=cpu",
+                        "train.num_workers=0",
+                    ]
+                    row = {}
+                    for side in ("baseline", "current"):
+                        row[side] = run_child(
+                            trees[side],
+                            trees[side].parent / "params.yaml",
+                            overrides,
+                            baseline=side == "baseline",
+                        )
+                    row["speedup_captions_per_s"] = round(
+                        row["current"]["captions_per_s"] / row["baseline"]["captions_per_s"], 2
+                    )
+                    row["speedup_epoch_seconds"] = round(
+                        row["baseline"]["epoch_seconds"] / row["current"]["epoch_seconds"], 2
+                    )
+                    out[name][key] = row
+                    print(
+                        f"{name} {key}: x{row['speedup_captions_per_s']} captions/s, "
+                        f"x{row['speedup_epoch_seconds']} epoch",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    if name == "default_corpus" and sampling == "pairs" and pooling in args.load_poolings:
+                        loaded_overrides = [o for o in overrides if not o.startswith("train.epochs=")]
+                        loaded_overrides.append(f"train.epochs={min(args.epochs, 3)}")
+                        with CompetingLoad(2):
+                            time.sleep(1.0)
+                            busy = {
+                                side: run_child(
+                                    trees[side],
+                                    trees[side].parent / "params.yaml",
+                                    loaded_overrides,
+                                    baseline=side == "baseline",
+                                )
+                                for side in ("baseline", "current")
+                            }
+                        loaded[pooling] = {
+                            side: {
+                                "idle_epoch_seconds": row[side]["epoch_seconds"],
+                                "loaded_epoch_seconds": busy[side]["epoch_seconds"],
+                                "loaded_over_idle": round(
+                                    busy[side]["epoch_seconds"] / row[side]["epoch_seconds"], 2
+                                ),
+                                "loaded_captions_per_s": busy[side]["captions_per_s"],
+                            }
+                            for side in ("baseline", "current")
+                        }
+                        print(
+                            f"under load {pooling}: {json.dumps(loaded[pooling])}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+        return {"baseline": args.baseline, "runs": out, "under_load": loaded}
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline_tree)],
+            capture_output=True,
+            check=False,
+        )
+
+
+def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The engine's own epoch function over a cold, disk-streamed AudioCaps-sized split."""
+    import functools
+
+    import psutil
+    import torch
+
+    from atric.config import load_params
+    from atric.data import open_split
+    from atric.device import resolve_device
+    from atric.engine import train_epoch, train_loader
+    from atric.factory import build_loss, build_model, build_optimizer
+    from atric.layout import Layout
+    from atric.precision import Precision
+
+    root = work / "stream-data"
+    t0 = time.perf_counter()
+    write_audiocaps_shaped(root, args.stream_clips, 8, 31, 2048, 300)
+    write_s = time.perf_counter() - t0
+    layout = Layout("BenchCaps", root)
+    feature_file = layout.features_path("bench", "train")
+    params = load_params(ROOT / "params.yaml")
+    device = resolve_device(args.device)
+    out: dict[str, Any] = {
+        "clips": args.stream_clips,
+        "frames": 31,
+        "dim": 2048,
+        "file_gib": round(feature_file.stat().st_size / GIB, 2),
+        "write_s": round(write_s, 1),
+        "num_workers": args.num_workers,
+        "steps": args.stream_steps,
+        "poolings": {},
+    }
+    for pooling in args.stream_poolings:
+        drop_from_page_cache(feature_file)
+        data = open_split(
+            layout,
+            "train",
+            experts=["bench"],
+            vectors="benchvec",
+            max_frames={"bench": 31},
+            cache_in_ram="no",
+        )
+        tp = params.train.model_copy(update={"pooling": pooling, "experts": ["bench"]})
+        torch.manual_seed(0)
+        model = build_model(tp, data.expert_dims, data.text_dim).to(device)
+        loss_fn = build_loss(tp).to(device)
+        optimizer = build_optimizer(tp, model, loss_fn)
+        loader, _ = train_loader(
+            data, batch_size=tp.batch_size, seed=0, num_workers=args.num_workers, device=device
+        )
+        step = functools.partial(
+            train_epoch,
+            model=model,
+            loss_fn=loss_fn,
+            optimizer=optimizer,
+            loader=loader,
+            device=device,
+            precision=Precision.create(tp.precision, device),
+            epoch=1,
+            epochs=1,
+            run_name=f"stream-{pooling}",
+            last_path=work / "none.pt",
+        )
+        with PeakRSS() as rss:
+            _, busy, wait, clips = step(max_steps=args.stream_steps)
+        read = psutil.disk_io_counters()
+        out["poolings"][pooling] = {
+            "clips_per_s": round(clips / busy, 1),
+            "data_wait_fraction": round(wait / busy, 4),
+            "peak_rss_gib": round(rss.peak / GIB, 3),
+            "seconds": round(busy, 1),
+        }
+        del loader
+        data.close()
+        print(
+            f"streaming {pooling}: {out['poolings'][pooling]} (disk read so far {read.read_bytes / GIB:.1f} GiB)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return out
 
 
 class PeakRSS:
-    """Samples the RSS of this process and its children (DataLoader workers) in a thread."""
+    """Samples the RSS of this process and its children (DataLoader workers) in a thread;
+    shared pages of forked workers count once per process, so this over-estimates."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
@@ -58,11 +405,13 @@ class PeakRSS:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> int:
+        import psutil
+
         me = psutil.Process()
         total = me.memory_info().rss
-        for child in me.children(recursive=True):
+        for kid in me.children(recursive=True):
             try:
-                total += child.memory_info().rss
+                total += kid.memory_info().rss
             except psutil.Error:
                 pass
         return total
@@ -82,169 +431,90 @@ class PeakRSS:
         self.peak = max(self.peak, self._sample())
 
 
-def measure(
-    data: SplitData,
-    train_params: Any,
-    pooling: str,
-    *,
-    steps: int,
-    warmup: int,
-    num_workers: int,
-    device: torch.device,
-) -> dict[str, Any]:
-    """The engine's training step (model, loss, optimiser, loader) for ``steps`` batches."""
-    tp = train_params.model_copy(update={"pooling": pooling})
-    torch.manual_seed(0)
-    with PeakRSS() as rss:
-        model = build_model(tp, data.expert_dims, data.text_dim).to(device)
-        loss_fn = build_loss(tp).to(device)
-        optimizer = build_optimizer(tp, model, loss_fn)
-        loader, _ = train_loader(data, batch_size=tp.batch_size, seed=0, num_workers=num_workers, device=device)
-        batch_size = loader.batch_size
-        step = functools.partial(
-            train_epoch,
-            model=model,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            loader=loader,
-            device=device,
-            precision=Precision.create(tp.precision, device),
-            epoch=1,
-            epochs=1,
-            run_name=f"benchmark-{pooling}",
-            last_path=Path(tempfile.gettempdir()) / "atric-benchmark-none.pt",
-        )
-        if warmup:
-            step(max_steps=warmup)
-        # The engine's own epoch function, cut to ``steps`` batches: what training really runs.
-        _, busy, wait, clips = step(max_steps=steps)
-        measured = min(steps, len(loader))
-        del loader
-    return {
-        "steps": measured,
-        "batch_size": batch_size,
-        "clips_per_s": round(clips / busy, 1) if busy else None,
-        "step_ms": round(1000 * busy / measured, 1) if measured else None,
-        "data_wait_fraction": round(wait / busy, 4) if busy else None,
-        "peak_rss_gib": round(rss.peak / GIB, 3),
-    }
+def metrics_time() -> dict[str, Any]:
+    import numpy as np
 
+    from atric.metrics import retrieval_metrics
 
-def write_synthetic(root: Path, clips: int, frames: int, dim: int, text_dim: int) -> Layout:
-    """AudioCaps-shaped train split: one caption per clip, fixed-length features."""
-    layout = Layout("BenchCaps", root)
     rng = np.random.default_rng(0)
-    ids = [f"clip{i:06d}" for i in range(clips)]
-    write_index(layout.index_path("train"), [Clip(c, (f"caption of {c}",)) for c in ids], "train")
-
-    def features():  # generated clip by clip: memory stays small at any corpus size
-        for clip_id in ids:
-            yield clip_id, rng.standard_normal((frames, dim), dtype=np.float32)
-
-    write_features(layout.features_path("bench", "train"), features(), {"expert": "bench", "dim": dim})
-    words = {c: [rng.standard_normal((int(rng.integers(6, 21)), text_dim), dtype=np.float32)] for c in ids}
-    write_text_embeddings(layout.text_path("benchvec", "train"), words, {"vectors": "benchvec"})
-    return layout
+    sim = rng.standard_normal((5000, 1000)).astype(np.float32)
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        retrieval_metrics(sim, captions_per_clip=5)
+        times.append(time.perf_counter() - t0)
+    return {
+        "captions": 5000,
+        "clips": 1000,
+        "metrics_ms_median": round(1000 * statistics.median(times), 1),
+        "metrics_ms_min": round(1000 * min(times), 1),
+        "target_ms": 20,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--baseline", help="git revision to compare against side by side (e.g. 232b2ad)")
     parser.add_argument(
-        "--clips", type=int, default=5000, help="synthetic clips (AudioCaps: 50000, ~12.7 GB)"
+        "--epochs", type=int, default=4, help="epochs per side-by-side run (the first is not averaged)"
     )
+    parser.add_argument("--poolings", nargs="+", default=list(BASE_POOLINGS))
     parser.add_argument(
-        "--frames", type=int, default=31, help="synthetic frames per clip (PANNs CNN14 on AudioCaps)"
+        "--load-poolings",
+        nargs="*",
+        default=["mean", "netvlad"],
+        help="poolings also timed beside a competing 2-core load",
     )
-    parser.add_argument("--dim", type=int, default=2048, help="synthetic feature dim (PANNs CNN14)")
+    parser.add_argument("--clip-sampling", action="store_true", help="also the paper's clip batching")
     parser.add_argument(
-        "--text-dim", type=int, default=300, help="word-vector dim (word2vec, as in the paper)"
+        "--clips", type=int, default=3000, help="AudioCaps-shaped train clips side by side (0: none)"
     )
-    parser.add_argument("--steps", type=int, default=20, help="measured training steps per pooling")
-    parser.add_argument("--warmup", type=int, default=2, help="unmeasured first steps (worker start-up)")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--poolings", nargs="+", default=list(POOLINGS), choices=POOLINGS)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--val-clips", type=int, default=300)
     parser.add_argument(
-        "--tmp-dir", default=None, help="where the synthetic HDF5 goes (default: system temp)"
+        "--stream-clips", type=int, default=0, help="streamed clips (AudioCaps: 50000, ~12 GiB)"
     )
+    parser.add_argument("--stream-steps", type=int, default=60)
+    parser.add_argument("--stream-poolings", nargs="+", default=["mean", "netvlad"])
+    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers when streaming")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tmp-dir", default=None, help="where benchmark data goes (default: system temp)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--src", help=argparse.SUPPRESS)
+    parser.add_argument("--params", help=argparse.SUPPRESS)
+    parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child(args)
 
-    params = load_params(args.params)
-    device = resolve_device(args.device)
+    sys.path.insert(0, str(ROOT / "src"))
+    import atric  # noqa: F401  (before torch: it sets the OpenMP wait policy)
+
+    # isort: split
+    import torch
+
     report: dict[str, Any] = {
-        "device": str(device),
-        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch_threads": torch.get_num_threads(),
-        "num_workers": args.num_workers,
-        "targets": {"data_wait_fraction_below": 0.10, "peak_rss_gib_below": 4.0},
+        "load": {
+            "uptime_before": uptime(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads_here": torch.get_num_threads(),
+            "omp_wait_policy_of_the_user": USER_OMP_WAIT_POLICY,
+        },
     }
-    common = {"steps": args.steps, "warmup": args.warmup, "num_workers": args.num_workers, "device": device}
-
-    # (a) the default corpus
-    tp = params.train
-    layout = Layout(params.data.dataset, params.data.root)
-    missing = [
-        str(layout.features_path(e, "train"))
-        for e in tp.experts
-        if not layout.features_path(e, "train").exists()
-    ]
-    if missing:
-        report["default_corpus"] = {
-            "skipped": f"no features at {', '.join(missing)} (run prepare, extract, embed_text)"
-        }
-    else:
-        data = open_split(
-            layout, "train", experts=tp.experts, vectors=params.text.vectors,
-            max_frames=tp.max_frames, cache_in_ram=tp.cache_in_ram,
-        )  # fmt: skip
-        report["default_corpus"] = {
-            "dataset": params.data.dataset,
-            "experts": data.expert_dims,
-            "max_frames": data.max_frames,
-            "clips": len(data),
-            "captions": len(data.words),
-            "cached_in_ram": data.cached,
-            "poolings": {p: measure(data, tp, p, **common) for p in args.poolings},
-        }
-        data.close()
-
-    # (b) synthetic AudioCaps-shaped features, streamed from disk
     with tempfile.TemporaryDirectory(dir=args.tmp_dir, prefix="atric-bench-") as tmp:
-        t0 = time.perf_counter()
-        synth = write_synthetic(Path(tmp), args.clips, args.frames, args.dim, args.text_dim)
-        write_s = time.perf_counter() - t0
-        feature_file = synth.features_path("bench", "train")
-        t0 = time.perf_counter()
-        data = open_split(
-            synth,
-            "train",
-            experts=["bench"],
-            vectors="benchvec",
-            max_frames={"bench": args.frames},
-            cache_in_ram="no",
-        )
-        open_s = time.perf_counter() - t0
-        report["synthetic"] = {
-            "clips": args.clips,
-            "frames": args.frames,
-            "dim": args.dim,
-            "text_dim": args.text_dim,
-            "file_gib": round(feature_file.stat().st_size / GIB, 3),
-            "write_s": round(write_s, 1),
-            "open_and_check_s": round(open_s, 2),
-            "cached_in_ram": data.cached,
-            "poolings": {p: measure(data, tp, p, **common) for p in args.poolings},
-        }
-        data.close()
-
-    # (c) evaluation: metrics of a 5,000 x 1,000 similarity matrix
-    sim = np.random.default_rng(0).standard_normal((5000, 1000)).astype(np.float32)
-    t0 = time.perf_counter()
-    retrieval_metrics(sim, captions_per_clip=5)
-    report["evaluation"] = {"captions": 5000, "clips": 1000, "metrics_s": round(time.perf_counter() - t0, 3)}
-
-    print(json.dumps(report, indent=1))
+        work = Path(tmp)
+        if args.baseline:
+            report["side_by_side"] = side_by_side(args, work)
+        if args.stream_clips:
+            report["streaming"] = streaming(args, work)
+    report["metrics"] = metrics_time()
+    report["load"]["uptime_after"] = uptime()
+    text = json.dumps(report, indent=1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_out = args.out.with_suffix(".json.tmp")
+    tmp_out.write_text(text + "\n")
+    tmp_out.replace(args.out)
+    print(text)
     return 0
 
 

@@ -6,10 +6,14 @@ import sys
 from pathlib import Path
 
 import pytest
+
+import atric  # noqa: F401  (before torch: OpenMP threads wait passively on the shared cores)
+
+# isort: split
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import fakes  # noqa: E402
+import fakes
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,48 @@ def test_params_yaml_states_the_schema_defaults() -> None:
 def test_names_are_validated_at_load(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("[", r"\[")):
         load_params(REPO / "params.yaml", [override])
+
+
+def test_thread_count_follows_the_param_and_never_exceeds_the_available_cores(monkeypatch) -> None:
+    import torch
+
+    from atric import device
+
+    before = torch.get_num_threads()
+    try:
+        assert device.configure_threads(1) == 1 == torch.get_num_threads()
+        monkeypatch.setattr(device, "available_cpus", lambda: 1)
+        torch.set_num_threads(3)
+        assert device.configure_threads(None) == 1 == torch.get_num_threads()  # capped by the cores
+        monkeypatch.setattr(device, "available_cpus", lambda: 8)
+        torch.set_num_threads(2)
+        assert device.configure_threads(None) == 2  # auto never raises an OMP_NUM_THREADS pin
+        assert device.configure_threads(3) == 3 == torch.get_num_threads()  # the param decides
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_cgroup_quota_caps_the_available_cores(tmp_path, monkeypatch) -> None:
+    from atric import device
+
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(device, "CGROUP_V2_CPU_MAX", cpu_max)
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: two threads
+    assert device._cgroup_cpu_limit() == 2
+    cpu_max.write_text("max 100000\n")
+    assert device._cgroup_cpu_limit() is None
+    cpu_max.write_text("50000 100000\n")
+    monkeypatch.setattr(device.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert device.available_cpus() == 1
+
+
+def test_openmp_threads_wait_passively_unless_the_user_says_otherwise() -> None:
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    code = "import atric, os; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env["PYTHONPATH"] = src
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "ACTIVE"

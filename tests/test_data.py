@@ -163,3 +163,30 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch() -> None:
     assert list(again) == order
     sampler.set_epoch(3)
     assert list(sampler) != order
+
+
+@pytest.mark.parametrize("sampling", ["pairs", "clip"])
+def test_cached_batches_are_the_dataloaders_batches(layout: Layout, sampling: str) -> None:
+    """The cached split's index-gathered batches equal the collated ones, padding cut included."""
+    from atric.data import CachedBatches
+    from atric.engine import train_loader
+
+    lengths = {"fa": 3, "fb": 5}  # shorter than some clips: the cut must match too
+    cached = _open(layout, cache_in_ram="yes", max_frames=lengths)
+    streamed = _open(layout, cache_in_ram="no", max_frames=lengths)
+    common = {"batch_size": 7 if sampling == "pairs" else 3, "seed": 3, "num_workers": 0, "device": torch.device("cpu"), "sampling": sampling}
+    fast, fast_sampler = train_loader(cached, **common)
+    slow, slow_sampler = train_loader(streamed, **common)
+    assert isinstance(fast, CachedBatches) and isinstance(slow, DataLoader)
+    assert len(fast) == len(slow) > 1
+    for epoch in (1, 2):
+        fast_sampler.set_epoch(epoch)
+        slow_sampler.set_epoch(epoch)
+        pairs = list(zip(fast, slow, strict=True))
+        for a, b in pairs:
+            for name in ("fa", "fb"):
+                assert torch.equal(a.audio[name][0], b.audio[name][0])
+                assert torch.equal(a.audio[name][1], b.audio[name][1])
+            assert torch.equal(a.words, b.words) and torch.equal(a.word_mask, b.word_mask)
+            assert torch.equal(a.caption_clip, b.caption_clip) and torch.equal(a.clip_index, b.clip_index)
+        assert pairs[0][0].clip_index.dtype == torch.long and pairs[0][0].caption_clip.dtype == torch.long

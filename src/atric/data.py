@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -529,6 +529,61 @@ class ClipCollate:
 
 def collate_words(samples: Sequence[np.ndarray]) -> tuple[Tensor, Tensor]:
     return pad_words(samples)
+
+
+class CachedBatches:
+    """The training batches of a RAM-cached split, without a DataLoader: each batch's audio is
+    gathered from the zero-padded cache in one indexing operation instead of being fetched and
+    collated sample by sample (a tenth of a small model's step). Yields exactly the Batch that
+    ``PairCollate`` (or ``ClipCaptionsCollate``) makes for the same sampler order, incomplete
+    last batch dropped as there."""
+
+    def __init__(self, data: SplitData, sampler: EpochSampler, batch_size: int, sampling: str = "pairs") -> None:
+        if not data.cached:
+            raise DataError(f"{data.split}: CachedBatches needs a split cached in RAM")
+        self.data = data
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.captions_of = (
+            [np.flatnonzero(data.caption_clip == clip) for clip in range(len(data.clips))]
+            if sampling == "clip"
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def __iter__(self) -> Iterator[Batch]:
+        order = np.asarray(list(self.sampler), dtype=np.int64)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            items = order[start : start + self.batch_size]
+            if self.captions_of is None:
+                yield self.batch(items)
+            else:  # a batch of clips, each with all its captions in index order
+                yield self.batch(np.concatenate([self.captions_of[clip] for clip in items]))
+
+    def batch(self, captions: np.ndarray) -> Batch:
+        """The Batch of these caption indices: each distinct clip once, in order of first use."""
+        clips = self.data.caption_clip[captions]
+        distinct, first, inverse = np.unique(clips, return_index=True, return_inverse=True)
+        by_first_use = np.argsort(first, kind="stable")
+        column = np.empty_like(by_first_use)
+        column[by_first_use] = np.arange(len(by_first_use))
+        clip_index = distinct[by_first_use]
+        audio = {}
+        for name, expert in self.data.experts.items():
+            assert expert.cache is not None
+            real = np.minimum(expert.lengths[clip_index], expert.max_frames)
+            mask = np.arange(expert.max_frames)[None, :] < real[:, None]
+            audio[name] = (torch.from_numpy(expert.cache[clip_index]), torch.from_numpy(mask))
+        words, word_mask = pad_words([self.data.words[int(c)] for c in captions])
+        return Batch(
+            audio=audio,
+            words=words,
+            word_mask=word_mask,
+            caption_clip=torch.from_numpy(column[inverse.reshape(-1)].astype(np.int64)),
+            clip_index=torch.from_numpy(clip_index.astype(np.int64)),
+        )
 
 
 class EpochSampler(Sampler[int]):

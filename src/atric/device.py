@@ -1,10 +1,19 @@
-"""One rule for picking the compute device."""
+"""One rule for picking the compute device, and one for how many CPU threads to use."""
 
 from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
 
 import torch
 
 from atric.errors import ConfigError
+
+# cgroup v2 (containers, CI runners, systemd slices) and v1 CPU quotas.
+CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
 
 
 def resolve_device(spec: str = "auto") -> torch.device:
@@ -18,3 +27,46 @@ def resolve_device(spec: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {spec!r} asked for CUDA but no CUDA device is available")
     return device
+
+
+def _cgroup_cpu_limit() -> int | None:
+    """The CPU quota of this process's cgroup in whole cores (rounded up), or None if unlimited."""
+    try:
+        if CGROUP_V2_CPU_MAX.exists():
+            quota, period = CGROUP_V2_CPU_MAX.read_text().split()[:2]
+            if quota == "max":
+                return None
+            return max(1, math.ceil(int(quota) / int(period)))
+        if CGROUP_V1_QUOTA.exists() and CGROUP_V1_PERIOD.exists():
+            quota_us = int(CGROUP_V1_QUOTA.read_text())
+            if quota_us <= 0:
+                return None
+            return max(1, math.ceil(quota_us / int(CGROUP_V1_PERIOD.read_text())))
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def available_cpus() -> int:
+    """Cores this process may actually run on: its CPU affinity, capped by a cgroup quota.
+
+    torch's default counts the machine's physical cores, which inside a container limited to
+    2 CPUs of a 64-core host means 32 threads fighting for 2 cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cores = os.cpu_count() or 1
+    limit = _cgroup_cpu_limit()
+    return max(1, min(cores, limit) if limit is not None else cores)
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op thread count: ``threads`` when given; otherwise torch's own count
+    (which OMP_NUM_THREADS pins) capped at ``available_cpus()``, so a quota-limited container
+    does not run a thread per host core. Returns the count in effect."""
+    count = threads if threads is not None else min(torch.get_num_threads(), available_cpus())
+    if count < 1:
+        raise ConfigError(f"threads must be >= 1, got {count}")
+    if torch.get_num_threads() != count:
+        torch.set_num_threads(count)
+    return count

@@ -17,11 +17,15 @@ positions, i.e. rank(v) = #(values > v) + (#(values == v) - 1) / 2, the same as
   (precision at each relevant hit within the top 10, the DCASE definition), using the
   same tie-averaged ranks.
 
-Everything is vectorised: counting is done by comparisons against the ground-truth
-values, looping only over the (few) caption slots of a clip, never over queries.
+Ranks need no sort: they are counts of the scores above and equal to the ground-truth
+value. The matrix is walked in blocks of rows that stay in the CPU cache while every
+comparison of the block runs (one pass over memory instead of one per target), the blocks
+spread over the available cores (numpy releases the GIL); 5,000 x 1,000 takes milliseconds.
 """
 
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -32,11 +36,48 @@ MAP_CUTOFF = 10
 DIRECTIONS: tuple[str, ...] = ("t2a", "a2t")
 
 
-def _tie_averaged_rank(values: np.ndarray, targets: np.ndarray, axis: int) -> np.ndarray:
-    """0-based tie-averaged rank of each target among ``values`` along ``axis`` (descending)."""
-    greater = np.count_nonzero(values > targets, axis=axis)
-    equal = np.count_nonzero(values == targets, axis=axis)  # includes the target itself
-    return greater + (equal - 1) / 2.0
+# Rows of the similarity matrix per block: 256 x 1,000 float32 is 1 MiB, cache-sized.
+BLOCK_ROWS = 256
+
+
+def _count(mask: np.ndarray, axis: int) -> np.ndarray:
+    """True entries along ``axis``, summed as small unsigned ints (bool sums cast per element)."""
+    dtype = np.uint16 if mask.shape[axis] < np.iinfo(np.uint16).max else np.uint32
+    return mask.view(np.uint8).sum(axis=axis, dtype=dtype).astype(np.int64)
+
+
+def _block_counts(
+    sim: np.ndarray, own: np.ndarray, gt: np.ndarray, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """For rows [start, stop): per row, the scores > and >= its own clip's (t2a); per caption slot
+    and clip column, the block's scores > and >= that slot's ground truth (a2t, partial sums)."""
+    block = sim[start:stop]
+    target = own[start:stop, None]
+    row_above, row_at_least = _count(block > target, 1), _count(block >= target, 1)
+    col_above = np.stack([_count(block > slot, 0) for slot in gt])
+    col_at_least = np.stack([_count(block >= slot, 0) for slot in gt])
+    return row_above, row_at_least, col_above, col_at_least
+
+
+def _tie_averaged(above: np.ndarray, at_least: np.ndarray) -> np.ndarray:
+    """rank = #(values > v) + (#(values == v) - 1) / 2, the target itself among the equal ones."""
+    return above + (at_least - above - 1) / 2.0
+
+
+def _ranks(sim: np.ndarray, own: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """t2a ranks [cpc * N] and a2t slot ranks [cpc, N], tie-averaged, by blocked counting."""
+    from atric.device import available_cpus
+
+    bounds = [(start, min(start + BLOCK_ROWS, sim.shape[0])) for start in range(0, sim.shape[0], BLOCK_ROWS)]
+    workers = min(available_cpus(), len(bounds))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            parts = list(pool.map(lambda b: _block_counts(sim, own, gt, *b), bounds))
+    else:
+        parts = [_block_counts(sim, own, gt, *b) for b in bounds]
+    t2a = _tie_averaged(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    a2t = _tie_averaged(sum(p[2] for p in parts), sum(p[3] for p in parts))
+    return t2a, a2t
 
 
 def _summary(ranks: np.ndarray, average_precision: np.ndarray, prefix: str) -> dict[str, float]:
@@ -72,7 +113,9 @@ def retrieval_metrics(sim: np.ndarray, captions_per_clip: int = 5) -> dict[str, 
         )
     if not np.issubdtype(sim.dtype, np.number) or np.iscomplexobj(sim):
         raise DataError(f"similarity matrix must be real-valued, got dtype {sim.dtype}")
-    if not np.isfinite(sim).all():
+    # A sum is finite when every value is (NaN/inf propagate); only a sum that overflowed from
+    # large finite values needs the exact, slower element check.
+    if not np.isfinite(sim.sum()) and not np.isfinite(sim).all():
         raise DataError(f"similarity matrix holds {int(np.size(sim) - np.isfinite(sim).sum())} NaN/inf values")
 
     clip_of_caption = np.arange(n_captions) // captions_per_clip
@@ -80,14 +123,10 @@ def retrieval_metrics(sim: np.ndarray, captions_per_clip: int = 5) -> dict[str, 
     own = sim[np.arange(n_captions), clip_of_caption]
     gt = own.reshape(n_clips, captions_per_clip).T
 
-    # t2a: each caption row against its own clip's value.
-    t2a_ranks = _tie_averaged_rank(sim, own[:, None], axis=1)
+    # t2a: each caption row against its own clip's value; a2t: each caption slot within its
+    # clip's column.
+    t2a_ranks, slot_ranks = _ranks(sim, own, gt)  # [cpc * N], [cpc, N]
     t2a_ap = np.where(t2a_ranks < MAP_CUTOFF, 1.0 / (t2a_ranks + 1.0), 0.0)
-
-    # a2t: rank of each caption slot within its clip's column; a loop over the few slots only.
-    slot_ranks = np.stack(
-        [_tie_averaged_rank(sim, gt[slot][None, :], axis=0) for slot in range(captions_per_clip)]
-    )  # [cpc, N]
     a2t_ranks = slot_ranks.min(axis=0)
     ordered = np.sort(slot_ranks, axis=0)
     hit_number = np.arange(1, captions_per_clip + 1, dtype=float)[:, None]

@@ -26,6 +26,7 @@ from atric.atomic import write_json_atomic
 from atric.config import Params
 from atric.data import (
     Batch,
+    CachedBatches,
     ClipCaptionsCollate,
     ClipCaptionsDataset,
     EpochSampler,
@@ -34,7 +35,7 @@ from atric.data import (
     SplitData,
     open_split,
 )
-from atric.device import resolve_device
+from atric.device import configure_threads, resolve_device
 from atric.engine.checkpoint import (
     CHECKPOINT_FORMAT,
     load_checkpoint,
@@ -95,7 +96,12 @@ def train_loader(
 ) -> tuple[DataLoader, EpochSampler]:
     """The train split shuffled by (seed, epoch): (clip, caption) pairs, or clips with all their
     captions (``sampling="clip"``). Incomplete last batches are dropped so every step sees the same
-    batch size (and BatchNorm never sees a single row)."""
+    batch size (and BatchNorm never sees a single row). A split cached in RAM is batched by
+    indexing the cache (``CachedBatches``, the same batches); workers would only add overhead."""
+    if data.cached and num_workers == 0:
+        n_items = len(data) if sampling == "clip" else len(data.words)
+        sampler = EpochSampler(n_items, seed)
+        return CachedBatches(data, sampler, min(batch_size, n_items), sampling), sampler  # type: ignore[return-value]
     if sampling == "clip":
         dataset: Any = ClipCaptionsDataset(data)
         collate: Any = ClipCaptionsCollate(data.max_frames)
@@ -234,6 +240,8 @@ def train(
             f"{paths.last}: nothing to resume (no checkpoint); drop --resume to start fresh"
         )
 
+    threads = configure_threads(tp.threads)
+    log.info("%s: %d CPU threads (train.threads=%s)", run_name, threads, tp.threads)
     seed_everything(tp.seed)
     layout = Layout(params.data.dataset, params.data.root)
     common = {"experts": tp.experts, "vectors": params.text.vectors, "cache_in_ram": tp.cache_in_ram}

@@ -18,7 +18,6 @@ from typing import get_args
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from atric.config import PoolingName
 from atric.errors import ConfigError, DataError
@@ -88,8 +87,11 @@ class MaxPooling(nn.Module):
 class LSTMPooling(nn.Module):
     """One-layer LSTM over the real frames; output = mean of its hidden states over real frames.
 
-    Real frames are moved to the front of each row (stable, so their order is kept) and the
-    batch is packed, so the LSTM never steps over padding, whatever the mask's layout.
+    Real frames are moved to the front of each row (stable, so their order is kept). The LSTM
+    then runs over the whole padded batch: it is causal, so the states of a row's real frames
+    never see the padding behind them, and the states past a row's length are masked out of
+    the mean (and so get no gradient). Same values as packing the batch (to float rounding),
+    about twice as fast on CPU: a packed sequence takes a slower per-time-step path.
     """
 
     def __init__(self, input_dim: int, hidden: int) -> None:
@@ -102,11 +104,9 @@ class LSTMPooling(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         x, lengths = _real_frames_first(_check_inputs(x, mask, self.input_dim), mask)
-        frames = x.shape[1]
-        # pack_padded_sequence rejects zero lengths: run empty rows on one (zero) frame, drop later.
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = self.lstm(packed)
-        hidden, _ = pad_packed_sequence(out, batch_first=True, total_length=frames)  # zeros past length
+        hidden, _ = self.lstm(x)
+        real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
+        hidden = torch.where(real.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         pooled = hidden.sum(dim=1) / _frame_counts(mask, hidden.dtype)
         return pooled * (lengths > 0).unsqueeze(-1).to(pooled.dtype)
 
