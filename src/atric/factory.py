@@ -56,13 +56,9 @@ def build_optimizer(train: TrainParams, model: nn.Module, loss: nn.Module) -> to
     if loss_params:
         groups.append({"params": loss_params, "weight_decay": 0.0})
     if train.optimizer == "ranger":
-        from pytorch_optimizer import Ranger  # RAdam + Lookahead
+        from atric.ranger import Ranger  # RAdam + Lookahead, the original's optimiser
 
-        # The original's Ranger (its utils/ranger.py): no gradient centralisation, and SGD with
-        # momentum while RAdam's variance estimate is not yet tractable. pytorch_optimizer's
-        # defaults differ on both: use_gc=True, and degenerated_to_sgd=False, whose first ~5
-        # steps have a negative step size (they climb the loss).
-        return Ranger(groups, lr=train.lr, weight_decay=train.weight_decay, degenerated_to_sgd=True, use_gc=False)
+        return Ranger(groups, lr=train.lr, weight_decay=train.weight_decay)
     return torch.optim.AdamW(groups, lr=train.lr, weight_decay=train.weight_decay)
 
 
