@@ -190,3 +190,18 @@ def test_cached_batches_are_the_dataloaders_batches(layout: Layout, sampling: st
             assert torch.equal(a.words, b.words) and torch.equal(a.word_mask, b.word_mask)
             assert torch.equal(a.caption_clip, b.caption_clip) and torch.equal(a.clip_index, b.clip_index)
         assert pairs[0][0].clip_index.dtype == torch.long and pairs[0][0].caption_clip.dtype == torch.long
+
+
+def test_cached_clip_batches_are_the_clip_loaders(layout: Layout) -> None:
+    """Evaluation's batches of a cached split are sliced from the cache: the same tensors."""
+    from atric.embed import _cached_clip_batches, clip_loader
+
+    lengths = {"fa": 3, "fb": 5}
+    cached = _open(layout, cache_in_ram="yes", max_frames=lengths)
+    streamed = _open(layout, cache_in_ram="no", max_frames=lengths)
+    fast = list(_cached_clip_batches(cached, 5))
+    slow = list(clip_loader(streamed, batch_size=5, device=torch.device("cpu")))
+    assert len(fast) == len(slow) == 3  # 12 clips: 5, 5, 2
+    for a, b in zip(fast, slow, strict=True):
+        for name in ("fa", "fb"):
+            assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1])

@@ -7,7 +7,7 @@ through here, so the padding rule is the training collate's everywhere: a clip's
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -48,14 +48,33 @@ def embed_clips(
 ) -> AudioEmbeddings:
     """expert -> [N, E] clip embeddings (on ``device``), clips in index order."""
     parts: dict[str, list[Tensor]] = {name: [] for name in model.experts}
-    loader = clip_loader(data, batch_size=batch_size, num_workers=num_workers, device=device, time_reversed=time_reversed)
-    for audio in loader:
+    if data.cached and not time_reversed:
+        batches: Iterable[dict[str, tuple[Tensor, Tensor]]] = _cached_clip_batches(data, batch_size)
+    else:
+        batches = clip_loader(
+            data, batch_size=batch_size, num_workers=num_workers, device=device, time_reversed=time_reversed
+        )
+    for audio in batches:
         audio = {k: (x.to(device), m.to(device)) for k, (x, m) in audio.items()}
         with precision.autocast():
             embedded = model.encode_audio(audio)
         for name, value in embedded.items():
             parts[name].append(value.float())
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _cached_clip_batches(data: SplitData, batch_size: int) -> Iterator[dict[str, tuple[Tensor, Tensor]]]:
+    """The clip loader's batches, sliced straight from a split cached in RAM (zero-padded to
+    ``max_frames`` already; the same tensors ``ClipCollate`` builds)."""
+    for start in range(0, len(data), batch_size):
+        stop = min(start + batch_size, len(data))
+        batch = {}
+        for name, expert in data.experts.items():
+            assert expert.cache is not None
+            real = np.minimum(expert.lengths[start:stop], expert.max_frames)
+            mask = np.arange(expert.max_frames)[None, :] < real[:, None]
+            batch[name] = (torch.from_numpy(expert.cache[start:stop]), torch.from_numpy(mask))
+        yield batch
 
 
 @torch.no_grad()
