@@ -13,11 +13,6 @@ import json
 from pathlib import Path
 
 from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
-from atric.engine import evaluate_checkpoint, run_name_for
-from atric.ops.experiment import log_evaluation
-from atric.ops.runlock import run_lock
-from atric.metrics import format_metrics_table
-from atric.report import write_recall_curve
 
 
 def main() -> int:
@@ -34,6 +29,13 @@ def main() -> int:
     if args.checkpoint:
         extra.append(f"evaluate.checkpoint={json.dumps(args.checkpoint)}")
     params = params_from_args(args, extra)
+    # Imported once the arguments and params are valid (torch, h5py, MLflow: seconds).
+    from atric.engine import evaluate_checkpoint, run_name_for
+    from atric.metrics import format_metrics_table
+    from atric.ops.experiment import log_evaluation
+    from atric.ops.runlock import run_lock
+    from atric.report import write_recall_curve
+
     run_name = args.run or run_name_for(params.train)
     # The run's lock: no evaluation reads best.pt while a training of the run rewrites it,
     # and no two evaluations write metrics/<split>/<run>.json at once.

@@ -15,9 +15,6 @@ import json
 import logging
 
 from atric.cli import add_params_arguments, add_run_arguments, params_from_args, run, run_overrides
-from atric.engine import run_name_for
-from atric.ops.experiment import train_tracked
-from atric.metrics import format_metrics_table
 
 
 def main() -> int:
@@ -47,7 +44,15 @@ def main() -> int:
         extra += [f"train.experts={json.dumps(experts)}", "train.fusion=text_weighted"]
     params = params_from_args(args, extra)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    policy = "resume" if args.resume else "restart" if args.restart else "pipeline" if args.pipeline else "auto"
+    # Imported once the arguments and params are valid: torch, h5py and MLflow take seconds
+    # to import, which --help and a mistyped --set need not wait for.
+    from atric.engine import run_name_for
+    from atric.metrics import format_metrics_table
+    from atric.ops.experiment import train_tracked
+
+    policy = (
+        "resume" if args.resume else "restart" if args.restart else "pipeline" if args.pipeline else "auto"
+    )
     result = train_tracked(params, run_name=args.run or run_name_for(params.train), policy=policy)
     print(f"{result.run_name}: best epoch {result.best_epoch} of {len(result.history)} (val)")
     print(format_metrics_table(result.best_metrics))
