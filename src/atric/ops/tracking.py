@@ -6,6 +6,7 @@ Default store: ``sqlite:///mlruns/mlflow.db`` with artifacts under ``mlruns/arti
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -118,9 +119,17 @@ def tracking_pending(run_dir: Path) -> bool:
 
 
 def git_commit() -> str:
+    """The checkout's commit (``unknown`` outside git): asked once per process and folder."""
+    return _git_commit_in(os.getcwd())
+
+
+@functools.lru_cache(maxsize=8)
+def _git_commit_in(folder: str) -> str:
+    # Cached: a tune worker tags every trial with it, and the code that runs is the one the
+    # process imported when it started; one `git` per process and folder is enough.
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=5
+            ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True, timeout=5
         )
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -189,7 +198,9 @@ def tracked_run(
             nested=nested,
         )
     except MlflowException as exc:
-        raise TrackingError(f"MLflow at {display_uri()}: cannot start run {run_name!r}: {exc.message}") from exc
+        raise TrackingError(
+            f"MLflow at {display_uri()}: cannot start run {run_name!r}: {exc.message}"
+        ) from exc
     status, failed, reason = "FAILED", False, ""
     try:
         with _terminate_as_interrupt():
@@ -354,12 +365,24 @@ def log_metrics(metrics: Mapping[str, float], prefix: str = "", step: int | None
 
 
 def register_with_alias(run_id: str, model_name: str, artifact_path: str = "model") -> str:
-    """Register the run's logged model and point the ``champion`` alias at the new version."""
+    """Register the run's logged model and point the ``champion`` alias at the new version.
+
+    When the alias already names a version of this run, that version is returned and nothing
+    is registered: a report that chooses the same champion again does not add a duplicate.
+    """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
+    client = MlflowClient()
+    try:
+        current = client.get_model_version_by_alias(model_name, CHAMPION_ALIAS)
+    except MlflowException:  # no such model or alias yet (or MLflow down: registering says so)
+        current = None
+    if current is not None and current.run_id == run_id:
+        return str(current.version)
     version = mlflow.register_model(f"runs:/{run_id}/{artifact_path}", model_name)
-    MlflowClient().set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
+    client.set_registered_model_alias(model_name, CHAMPION_ALIAS, version.version)
     return str(version.version)
 
 
