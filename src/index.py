@@ -3,7 +3,8 @@
     python src/index.py [--run logmel-netrvlad] [--split val ...] [--set search.device=cuda]
 
 Reads params sections `data`, `text`, `train`, `features`, `search`. Writes
-<search.index_dir>/<run>.h5 (default indexes/<run>.h5; format in atric.search). The run
+<search.index_dir>/<run>.h5 (default indexes/<run>.h5; format in atric.search), and from
+50,000 clips on (atric.search.ann.EXACT_BELOW) <run>.faiss, its approximate index. The run
 defaults to the champion named in reports/champion.json (chosen on val by the report stage). When
 val is indexed, prints how often a val caption used as a query finds its own clip in
 the top search.hit_rate_k.

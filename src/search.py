@@ -6,7 +6,10 @@
     python src/search.py "..." --model logmel-netrvlad        # default: the champion run
 
 Needs the run's index (`python src/index.py --run RUN`, the `index` stage). Prints rank,
-clip id, split, score and the clip's first caption (for --audio: the matched caption).
+clip id, split, score and the clip's first caption. For --audio: the matched caption, each
+text once (case and spacing ignored: its best-scoring clip), with how many other clips have
+a caption of that text ("(+2 other clips)"; `other_clips` in --json). Indexes of 50,000 clips
+or more are searched approximately (atric.search.ann), smaller ones exactly.
 """
 
 from __future__ import annotations

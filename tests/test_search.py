@@ -203,6 +203,8 @@ def test_index_file_matches_checkpoint_and_layout(trained: dict[str, Any]) -> No
     np.testing.assert_allclose(np.linalg.norm(index.audio, axis=-1), 1.0, atol=1e-5)
     assert index.captions[index.caption_offsets[32]] == load_captions(params, "val")[0][0]
     assert not list(path.parent.glob("*.tmp"))
+    # Below the approximate-search threshold: no .faiss, no ann attr (the exact index as before).
+    assert "ann" not in index.attrs and index.ann is None and not path.with_suffix(".faiss").exists()
 
 
 def load_captions(params: Params, split: str) -> list[tuple[str, ...]]:
@@ -300,6 +302,7 @@ def test_audio_query_ranks_captions_like_the_model(trained: dict[str, Any], tmp_
     assert result["audio"] == str(wav)
     hits = result["results"]
     assert [h["rank"] for h in hits] == [1, 2, 3, 4]
+    assert all(h["other_clips"] == 0 for h in hits)  # no two val captions of the same text here
 
     # Direct: the logmel expert on the file, padded as in training, against every val caption.
     model, data = model_and_val(params)
@@ -317,6 +320,57 @@ def test_audio_query_ranks_captions_like_the_model(trained: dict[str, Any], tmp_
     assert [h["caption"] for h in hits] == [captions[i] for i in top.indices.tolist()]
     assert [h["clip_id"] for h in hits] == [data.clips[i // 5].clip_id for i in top.indices.tolist()]
     np.testing.assert_allclose([h["score"] for h in hits], top.values.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------- approximate index
+def test_index_stage_writes_and_search_uses_the_approximate_index(
+    trained: dict[str, Any],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The threshold lowered to 10 clips: the stage writes <run>.faiss, named in the .h5, and
+    search answers from it; 48 clips make one list, so the results are the exact ones."""
+    raw = {**trained["raw"], "search": {"index_dir": str(tmp_path / "indexes")}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw), encoding="utf-8")
+    params = Params.model_validate(raw)
+    exact = Searcher.open(trained["params"], RUN)
+    build_index(params, RUN, exact_below=10)
+    path = index_path(params, RUN)
+    faiss_file = path.with_suffix(".faiss")
+    assert faiss_file.is_file() and not list(path.parent.glob(".*.tmp"))
+    index = load_index(path)
+    info = json.loads(index.attrs["ann"])
+    assert info["file"] == f"{RUN}.faiss" and info["clips"] == 48 and info["exact_below"] == 10
+    assert index.ann is not None and index.ann.index.ntotal == 48
+    searcher = Searcher.open(params, RUN)
+    ann, used = searcher.index.ann, []
+    assert ann is not None
+    search = ann.search
+    monkeypatch.setattr(ann, "search", lambda *args: used.append(len(args[0])) or search(*args))
+    queries = ["a dog barks", "rain falls outside"]
+    for ours, theirs in zip(searcher.search_text(queries, 5), exact.search_text(queries, 5), strict=True):
+        assert [h.clip_id for h in ours.hits] == [h.clip_id for h in theirs.hits]
+        np.testing.assert_allclose([h.score for h in ours.hits], [h.score for h in theirs.hits], atol=1e-5)
+    assert used == [2]  # both queries, one call
+    # The CLI searches it too.
+    code, out, err = search_in_process(
+        tmp_path, ["a dog barks", "--model", RUN, "--json"], capsys, monkeypatch
+    )
+    assert code == 0, err
+    assert (
+        json.loads(out)["queries"][0]["results"][0]["clip_id"]
+        == exact.search_text(["a dog barks"], 1)[0].hits[0].clip_id
+    )
+    # A .faiss file of another build is refused, with how to fix it.
+    other = faiss_file.read_bytes()
+    build_index(params, RUN, ["val", "test"], exact_below=10)
+    faiss_file.write_bytes(other)
+    code, _, err = search_in_process(tmp_path, ["a dog barks", "--model", RUN], capsys, monkeypatch)
+    assert code == 2 and str(faiss_file) in err and "rebuild the index" in err
+    # Rebuilt below the threshold: exact again, the stale .faiss gone.
+    build_index(params, RUN)
+    assert not faiss_file.exists() and load_index(path).ann is None
 
 
 # ---------------------------------------------------------------- bad input

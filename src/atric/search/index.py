@@ -24,6 +24,10 @@ Scores are exact inner products: text query q scores clip j with
 once at load time, ``[w_1 t_1 | w_2 t_2] . [a_1 | a_2]``, so a query is one matmul + topk.
 An index is refused when its checkpoint hash or params hash differs from the run's
 ``best.pt``: its embeddings would come from another model.
+
+From ``atric.search.ann.EXACT_BELOW`` clips on, the stage also writes ``<run>.faiss`` (an
+approximate index over the same clip rows, written first) and the attr ``ann`` (JSON,
+``AnnInfo``) that names it; smaller indexes have neither and are byte-for-byte what they were.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from atric.factory import model_from_checkpoint
 from atric.features.base import sha256_file
 from atric.layout import H5_REPRODUCIBLE, SPLITS, FeatureFile, Layout, read_text_attrs, set_attrs
 from atric.model import RetrievalModel
+from atric.search.ann import EXACT_BELOW, AnnInfo, ApproximateIndex, ann_path, clip_rows
 
 INDEX_FORMAT = 1
 
@@ -113,9 +118,15 @@ def _feature_settings(layout: Layout, experts: Sequence[str], split: str) -> dic
 
 
 def build_index(
-    params: Params, run: str, splits: Sequence[str] | None = None, *, progress: bool = False
+    params: Params,
+    run: str,
+    splits: Sequence[str] | None = None,
+    *,
+    progress: bool = False,
+    exact_below: int = EXACT_BELOW,
 ) -> IndexReport:
-    """Embed every clip and caption of ``splits`` with ``run``'s best model; write the index atomically."""
+    """Embed every clip and caption of ``splits`` with ``run``'s best model; write the index atomically
+    (and, from ``exact_below`` clips on, its approximate index)."""
     started = time.perf_counter()
     splits = list(splits or params.search.splits)
     unknown = [s for s in splits if s not in SPLITS]
@@ -168,11 +179,19 @@ def build_index(
 
     path = index_path(params, run)
     sha = sha256_file(paths.best)
+    audio = np.concatenate(audio_parts, axis=1)
+    del audio_parts
+    ann: AnnInfo | None = None
+    if len(clip_ids) >= exact_below:
+        # Before the .h5: a crash between the two leaves the old .h5, which refuses the new file.
+        ann = ApproximateIndex.build(clip_rows(audio), exact_below=exact_below).write(ann_path(path))
     strings = h5py.string_dtype()
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
         h5.create_dataset("clip_ids", data=np.array(clip_ids, dtype=object), dtype=strings, **H5_REPRODUCIBLE)
-        h5.create_dataset("splits", data=np.array(clip_splits, dtype=object), dtype=strings, **H5_REPRODUCIBLE)
-        h5.create_dataset("audio", data=np.concatenate(audio_parts, axis=1), **H5_REPRODUCIBLE)
+        h5.create_dataset(
+            "splits", data=np.array(clip_splits, dtype=object), dtype=strings, **H5_REPRODUCIBLE
+        )
+        h5.create_dataset("audio", data=audio, **H5_REPRODUCIBLE)
         h5.create_dataset("caption_offsets", data=np.asarray(offsets, np.int64), **H5_REPRODUCIBLE)
         h5.create_dataset("captions", data=np.array(captions, dtype=object), dtype=strings, **H5_REPRODUCIBLE)
         h5.create_dataset("caption_text", data=np.concatenate(text_parts, axis=1), **H5_REPRODUCIBLE)
@@ -192,7 +211,11 @@ def build_index(
             "indexed_splits": json.dumps(splits),
             "feature_settings": json.dumps(feature_settings, sort_keys=True),
         }
+        if ann is not None:
+            attrs["ann"] = ann.to_json()
         set_attrs(h5, attrs)
+    if ann is None:
+        ann_path(path).unlink(missing_ok=True)  # a larger build's, which this .h5 does not name
     counts = {s: clip_splits.count(s) for s in splits}
     return IndexReport(run, path, counts, len(captions), sha, round(time.perf_counter() - started, 3))
 
@@ -210,6 +233,7 @@ class SearchIndex:
     caption_text: np.ndarray  # [X, M, E]
     caption_weights: np.ndarray  # [M, X]
     attrs: dict[str, Any] = field(default_factory=dict)
+    ann: ApproximateIndex | None = None  # from EXACT_BELOW clips on: searched instead of every clip
 
     @property
     def experts(self) -> list[str]:
@@ -254,6 +278,10 @@ def load_index(path: str | Path) -> SearchIndex:
         or index.caption_weights.shape != (len(index.captions), x)
     ):
         raise DataError(f"{path}: inconsistent shapes in the search index; rebuild it")
+    if "ann" in attrs:
+        try:
+            info = AnnInfo.from_json(str(attrs["ann"]))
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"{path}: unreadable attr ann ({exc}); rebuild it") from exc
+        index.ann = ApproximateIndex.read(path.parent / Path(info.file).name, info, index.audio)
     return index
-
-

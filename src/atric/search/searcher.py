@@ -1,5 +1,12 @@
-"""Answering queries over an index: text -> clips, sound -> captions, exact inner products
-(see ``atric.search.index`` for the scores and the file)."""
+"""Answering queries over an index: text -> clips, sound -> captions, inner products
+(see ``atric.search.index`` for the scores and the file).
+
+Text -> clips scans every clip (exact) unless the index has an approximate index
+(``atric.search.ann``, from ``EXACT_BELOW`` clips on); then a query scans the lists it
+probes, and a split filter narrower than the threshold scans that split's clips exactly.
+Sound -> captions is exact, and collapses captions of the same text (``normalize_caption``)
+into their best-scoring one, saying how many other clips share it (``Hit.other_clips``).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +15,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +33,7 @@ from atric.errors import AtricError, CheckpointError, DataError
 from atric.features.base import build_expert, sha256_file
 from atric.layout import Layout
 from atric.model import RetrievalModel
-from atric.search.index import SearchIndex, load_run_model, build_command, index_path, load_index
+from atric.search.index import SearchIndex, build_command, index_path, load_index, load_run_model
 from atric.text import VectorSource, load_vectors, tokenize
 
 _QUERY_CHUNK = 256  # queries scored at once: bounds the [B, N] score matrix
@@ -89,6 +97,7 @@ def read_query_audio(path: str | Path, sample_rate: int, max_seconds: float) -> 
         )  # fmt: skip
     return audio
 
+
 @dataclass
 class Hit:
     rank: int
@@ -96,15 +105,20 @@ class Hit:
     split: str
     score: float
     caption: str  # text search: the clip's first caption; audio search: the matched caption
+    # Audio search: how many other clips (of the split searched) have a caption of the same text.
+    other_clips: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        result: dict[str, Any] = {
             "rank": self.rank,
             "clip_id": self.clip_id,
             "split": self.split,
             "score": self.score,
             "caption": self.caption,
         }
+        if self.other_clips is not None:
+            result["other_clips"] = self.other_clips
+        return result
 
 
 @dataclass
@@ -112,6 +126,11 @@ class TextResult:
     query: str
     oov: list[str]  # query words unknown to the word vectors (left out of the embedding)
     hits: list[Hit]
+
+
+def normalize_caption(text: str) -> str:
+    """The form in which two captions are the same text: outer and repeated spaces and case ignored."""
+    return " ".join(text.split()).casefold()
 
 
 def _concat(embeddings: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -154,6 +173,7 @@ class Searcher:
             torch.from_numpy(index.caption_text), torch.from_numpy(index.caption_weights)
         ).to(self.device)
         self._caption_clip = index.caption_clip()
+        self._split_clips: dict[str, tuple[Tensor, Tensor]] = {}  # narrow splits of an approximate index
 
     # -------------------------------------------------------- opening from disk
     @classmethod
@@ -232,9 +252,21 @@ class Searcher:
 
     @torch.no_grad()
     def top_clips(self, queries: Tensor, top_k: int, split: str | None = None) -> tuple[Tensor, Tensor]:
-        """Exact top-k clips of embedded queries [B, X*E]: (scores [B, k], clip indices [B, k])."""
+        """Top-k clips of embedded queries [B, X*E]: (scores [B, k], clip indices [B, k]); exact
+        unless the index has an approximate index and the clips searched are that many."""
         mask = self._split_mask(split)
-        k = min(top_k, len(self.index.clip_ids) if mask is None else int(mask.sum()))
+        searched = len(self.index.clip_ids) if mask is None else int(mask.sum())
+        k = min(top_k, searched)
+        ann = self.index.ann
+        if ann is None:
+            return self._exact_top(queries, k, mask)
+        if searched >= ann.info.exact_below:
+            return self._approximate_top(queries, k, mask)
+        assert split is not None  # fewer clips than the threshold: only a split can be
+        return self._exact_top_of_split(queries, k, split)
+
+    def _exact_top(self, queries: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Every clip scored: one [b, N] matmul per chunk of queries."""
         scores, indices = [], []
         for start in range(0, queries.shape[0], _QUERY_CHUNK):
             sim = queries[start : start + _QUERY_CHUNK] @ self.clips.t()  # [b, N]
@@ -243,6 +275,29 @@ class Searcher:
             top = torch.topk(sim, k, dim=1)
             scores.append(top.values.cpu())
             indices.append(top.indices.cpu())
+        return torch.cat(scores), torch.cat(indices)
+
+    def _approximate_top(self, queries: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        assert self.index.ann is not None
+        allowed = None if mask is None else mask.cpu().numpy()
+        scores, rows = self.index.ann.search(queries.float().cpu().numpy(), k, allowed)
+        found_scores, found = torch.from_numpy(scores), torch.from_numpy(rows)
+        short = (found < 0).any(dim=1)  # fewer than k clips of the split in the lists probed
+        if bool(short.any()):
+            found_scores[short], found[short] = self._exact_top(queries[short.to(queries.device)], k, mask)
+        return found_scores, found
+
+    def _exact_top_of_split(self, queries: Tensor, k: int, split: str) -> tuple[Tensor, Tensor]:
+        """A split narrower than the approximate index's threshold: its own clips, scanned."""
+        if split not in self._split_clips:  # at most threshold x X*E floats a split, kept
+            rows = torch.from_numpy(np.flatnonzero(self.index.splits == split)).to(self.device)
+            self._split_clips[split] = (rows, self.clips[rows])
+        rows, clips = self._split_clips[split]
+        scores, indices = [], []
+        for start in range(0, queries.shape[0], _QUERY_CHUNK):
+            top = torch.topk(queries[start : start + _QUERY_CHUNK] @ clips.t(), k, dim=1)
+            scores.append(top.values.cpu())
+            indices.append(rows[top.indices].cpu())
         return torch.cat(scores), torch.cat(indices)
 
     def search_text(
@@ -289,7 +344,9 @@ class Searcher:
                 )
             experts[name] = expert
         # The model sees each expert's first max_frames frames: read no more audio than that covers.
-        seconds = max_query_seconds({n: int(max_frames[n]) for n in experts}, {n: e.hop_seconds for n, e in experts.items()})
+        seconds = max_query_seconds(
+            {n: int(max_frames[n]) for n in experts}, {n: e.hop_seconds for n, e in experts.items()}
+        )
         waveforms: dict[int, np.ndarray] = {}
         batch = {}
         for name, expert in experts.items():
@@ -311,21 +368,64 @@ class Searcher:
             {k: (x.to(self.device), m.to(self.device)) for k, (x, m) in features.items()}
         )
         query = torch.cat([embedded[name].float() for name in self.model.experts], dim=1)  # [1, X*E]
+        return self.top_captions(query, top_k, split)
+
+    @torch.no_grad()
+    def top_captions(self, query: Tensor, top_k: int, split: str | None = None) -> list[Hit]:
+        """The ``top_k`` best distinct caption texts for an embedded sound [1, X*E] (fewer only if
+        the captions searched have fewer): each text's best-scoring caption, ties to the first in
+        the index, with how many other clips have a caption of that text."""
         sim = (self.caption_matrix @ query.t()).squeeze(1)  # [M]
+        caption_mask = None
         if split is not None:
-            clip_mask = self._clips_of(split).cpu().numpy()
-            sim = sim.masked_fill(
-                ~torch.from_numpy(clip_mask[self._caption_clip]).to(sim.device), float("-inf")
-            )
-            allowed = int(clip_mask[self._caption_clip].sum())
-        else:
-            allowed = sim.shape[0]
-        top = torch.topk(sim, min(top_k, allowed))
+            caption_mask = self._clips_of(split).cpu().numpy()[self._caption_clip]
+            sim = sim.masked_fill(~torch.from_numpy(caption_mask).to(sim.device), float("-inf"))
+        return self._distinct_captions(sim, top_k, caption_mask)
+
+    @cached_property
+    def _caption_texts(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Captions grouped by ``normalize_caption``: (group [M] of each caption, start [G+1] of
+        each group in the next, caption indices [M] ordered by group, then index)."""
+        groups: dict[str, int] = {}
+        captions = self.index.captions
+        group = np.fromiter(
+            (groups.setdefault(normalize_caption(c), len(groups)) for c in captions), np.int64, len(captions)
+        )
+        order = np.argsort(group, kind="stable")
+        return group, np.searchsorted(group[order], np.arange(len(groups) + 1)), order
+
+    def _distinct_captions(self, sim: Tensor, top_k: int, caption_mask: np.ndarray | None) -> list[Hit]:
+        group, starts, order = self._caption_texts
+        searched = sim.shape[0] if caption_mask is None else int(caption_mask.sum())
+        # Deep enough that repeats rarely force a second pass; each pass looks 4x deeper.
+        depth = min(searched, 4 * top_k)
+        while True:
+            texts: dict[int, None] = {}  # groups, best first
+            for m in torch.topk(sim, depth).indices.tolist():
+                texts.setdefault(int(group[m]))
+                if len(texts) == top_k:
+                    break
+            if len(texts) == top_k or depth == searched:
+                break
+            depth = min(searched, 4 * depth)
+        scores = sim.cpu().numpy()
         hits = []
-        for rank, (s, m) in enumerate(zip(top.values.tolist(), top.indices.tolist(), strict=True), start=1):
-            c = int(self._caption_clip[m])
+        for rank, g in enumerate(texts, start=1):
+            members = order[starts[g] : starts[g + 1]]
+            if caption_mask is not None:
+                members = members[caption_mask[members]]
+            best = int(members[np.argmax(scores[members])])
+            c = int(self._caption_clip[best])
+            others = len(np.unique(self._caption_clip[members])) - 1
             hits.append(
-                Hit(rank, self.index.clip_ids[c], str(self.index.splits[c]), float(s), self.index.captions[m])
+                Hit(
+                    rank,
+                    self.index.clip_ids[c],
+                    str(self.index.splits[c]),
+                    float(scores[best]),
+                    self.index.captions[best],
+                    others,
+                )
             )
         return hits
 
@@ -363,5 +463,3 @@ def caption_hit_rate(params: Params, run: str, split: str = "val", k: int = 10) 
     if total == 0:
         raise DataError(f"split {split!r}: no captions in the index of run {run!r}")
     return hits / total
-
-
