@@ -359,7 +359,7 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         model = build_model(tp, data.expert_dims, data.text_dim).to(device)
         loss_fn = build_loss(tp).to(device)
         optimizer = build_optimizer(tp, model, loss_fn)
-        loader, _ = train_loader(
+        loader, sampler = train_loader(
             data, batch_size=tp.batch_size, seed=0, num_workers=args.num_workers, device=device
         )
         step = functools.partial(
@@ -376,6 +376,11 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             last_path=work / "none.pt",
         )
         with PeakRSS() as rss:
+            # Worker start-up and first batches, on other clips than the measured ones (epoch 1
+            # shuffles differently), so the measured steps read only uncached clips.
+            sampler.set_epoch(1)
+            step(max_steps=args.stream_warmup)
+            sampler.set_epoch(2)
             _, busy, wait, clips = step(max_steps=args.stream_steps)
         read = psutil.disk_io_counters()
         out["poolings"][pooling] = {
@@ -474,6 +479,7 @@ def main() -> int:
         "--stream-clips", type=int, default=0, help="streamed clips (AudioCaps: 50000, ~12 GiB)"
     )
     parser.add_argument("--stream-steps", type=int, default=60)
+    parser.add_argument("--stream-warmup", type=int, default=3, help="unmeasured steps first (workers start)")
     parser.add_argument("--stream-poolings", nargs="+", default=["mean", "netvlad"])
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers when streaming")
     parser.add_argument("--device", default="cpu")
