@@ -128,6 +128,13 @@ class TextResult:
     hits: list[Hit]
 
 
+@dataclass
+class _Split:
+    clips: Tensor  # [N] bool
+    hidden: Tensor  # [1, N] bool: the other clips, for masked_fill (not inverted again each query)
+    count: int
+
+
 def normalize_caption(text: str) -> str:
     """The form in which two captions are the same text: outer and repeated spaces and case ignored."""
     return " ".join(text.split()).casefold()
@@ -173,6 +180,7 @@ class Searcher:
             torch.from_numpy(index.caption_text), torch.from_numpy(index.caption_weights)
         ).to(self.device)
         self._caption_clip = index.caption_clip()
+        self._splits: dict[str, _Split] = {}
         self._split_clips: dict[str, tuple[Tensor, Tensor]] = {}  # narrow splits of an approximate index
 
     # -------------------------------------------------------- opening from disk
@@ -236,55 +244,59 @@ class Searcher:
         stacked = torch.stack([embeddings[name].float() for name in self.model.experts])
         return _concat(stacked, weights.float())
 
-    def _split_mask(self, split: str | None) -> Tensor | None:
-        return None if split is None else self._clips_of(split)
-
     def _clips_of(self, split: str) -> Tensor:
         """[N] bool: the index's clips of ``split``; an error if it has none."""
-        mask = torch.from_numpy(self.index.splits == split)
-        if not bool(mask.any()):
-            indexed = json.loads(self.index.attrs.get("indexed_splits", "[]"))
-            raise DataError(
-                f"split {split!r} is not in the index of run {self.run!r} (indexed: {', '.join(indexed)}); "
-                f"rebuild it with `{build_command(self.run)} --split {split}`"
-            )
-        return mask.to(self.device)
+        return self._split(split).clips
+
+    def _split(self, split: str) -> _Split:
+        """A split's masks, once a split: comparing 10^6 split names takes longer than a search."""
+        if split not in self._splits:
+            mask = torch.from_numpy(self.index.splits == split)
+            if not bool(mask.any()):
+                indexed = json.loads(self.index.attrs.get("indexed_splits", "[]"))
+                raise DataError(
+                    f"split {split!r} is not in the index of run {self.run!r} (indexed: {', '.join(indexed)}); "
+                    f"rebuild it with `{build_command(self.run)} --split {split}`"
+                )
+            mask = mask.to(self.device)
+            self._splits[split] = _Split(mask, (~mask).unsqueeze(0), int(mask.sum()))
+        return self._splits[split]
 
     @torch.no_grad()
     def top_clips(self, queries: Tensor, top_k: int, split: str | None = None) -> tuple[Tensor, Tensor]:
         """Top-k clips of embedded queries [B, X*E]: (scores [B, k], clip indices [B, k]); exact
         unless the index has an approximate index and the clips searched are that many."""
-        mask = self._split_mask(split)
-        searched = len(self.index.clip_ids) if mask is None else int(mask.sum())
+        searched = len(self.index.clip_ids) if split is None else self._split(split).count
         k = min(top_k, searched)
         ann = self.index.ann
         if ann is None:
-            return self._exact_top(queries, k, mask)
+            return self._exact_top(queries, k, split)
         if searched >= ann.info.exact_below:
-            return self._approximate_top(queries, k, mask)
+            return self._approximate_top(queries, k, split)
         assert split is not None  # fewer clips than the threshold: only a split can be
         return self._exact_top_of_split(queries, k, split)
 
-    def _exact_top(self, queries: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _exact_top(self, queries: Tensor, k: int, split: str | None) -> tuple[Tensor, Tensor]:
         """Every clip scored: one [b, N] matmul per chunk of queries."""
+        hidden = None if split is None else self._split(split).hidden
         scores, indices = [], []
         for start in range(0, queries.shape[0], _QUERY_CHUNK):
             sim = queries[start : start + _QUERY_CHUNK] @ self.clips.t()  # [b, N]
-            if mask is not None:
-                sim = sim.masked_fill(~mask, float("-inf"))
+            if hidden is not None:
+                sim = sim.masked_fill(hidden, float("-inf"))
             top = torch.topk(sim, k, dim=1)
             scores.append(top.values.cpu())
             indices.append(top.indices.cpu())
         return torch.cat(scores), torch.cat(indices)
 
-    def _approximate_top(self, queries: Tensor, k: int, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    def _approximate_top(self, queries: Tensor, k: int, split: str | None) -> tuple[Tensor, Tensor]:
         assert self.index.ann is not None
-        allowed = None if mask is None else mask.cpu().numpy()
+        allowed = None if split is None else self._split(split).clips.cpu().numpy()
         scores, rows = self.index.ann.search(queries.float().cpu().numpy(), k, allowed)
         found_scores, found = torch.from_numpy(scores), torch.from_numpy(rows)
         short = (found < 0).any(dim=1)  # fewer than k clips of the split in the lists probed
         if bool(short.any()):
-            found_scores[short], found[short] = self._exact_top(queries[short.to(queries.device)], k, mask)
+            found_scores[short], found[short] = self._exact_top(queries[short.to(queries.device)], k, split)
         return found_scores, found
 
     def _exact_top_of_split(self, queries: Tensor, k: int, split: str) -> tuple[Tensor, Tensor]:
