@@ -173,6 +173,79 @@ def test_aisfx_separates_event_types(aisfx_shared) -> None:
             assert within > between + 0.1, (a, b, within, between)
 
 
+def _package_conv_stack(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """aisfx's EmbeddingNet.forward before its max over time, through the package's own modules."""
+    x = x.unsqueeze(1)
+    for block, pool in (
+        (net.conv_block1, (2, 2)),
+        (net.conv_block2, (2, 2)),
+        (net.conv_block3, (2, 2)),
+        (net.conv_block4, (1, 1)),
+    ):
+        x = block(x, pool_size=pool, pool_type=net.pool_type)
+    return x.mean(dim=3)
+
+
+def test_aisfx_inference_stack_matches_the_package_modules(aisfx_shared, monkeypatch) -> None:
+    """Batch norms folded, oneDNN's blocked layout: the package's numbers up to float32 rounding, and a
+    clip's output independent of its batch and of the thread count, bit for bit."""
+    from atric.features.aisfx import _InferenceConvStack
+
+    net = aisfx_shared.model
+    x = torch.rand(3, 124, 96, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        reference = _package_conv_stack(net, x)
+        fast = aisfx_shared._conv_stack(x)
+        assert fast.shape == reference.shape == (3, 512, 124 // 8)
+        assert float((fast - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+        for row in range(3):  # the same numbers alone as in a batch (lengths where channels-last fails)
+            assert torch.equal(aisfx_shared._conv_stack(x[row : row + 1])[0], fast[row])
+        threads = torch.get_num_threads()
+        try:
+            for count in (1, 3):
+                torch.set_num_threads(count)
+                assert torch.equal(aisfx_shared._conv_stack(x), fast), count
+        finally:
+            torch.set_num_threads(threads)
+        monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # torch's own kernels (no oneDNN)
+        plain = _InferenceConvStack(net, torch.device("cpu"))(x)
+        monkeypatch.undo()
+        assert float((plain - reference).abs().max()) <= 1e-5 * float(reference.abs().max())
+
+
+def test_mel_projection_is_the_exact_product_rounded_once() -> None:
+    import librosa
+
+    from atric.features.base import MelProjection
+
+    basis = librosa.filters.mel(sr=16000, n_fft=1024, n_mels=40)
+    power = (np.random.default_rng(0).random((513, 37)) ** 4).astype(np.float32)
+    mel = MelProjection(basis)(np.asfortranarray(power))  # librosa's STFTs are Fortran-ordered
+    exact = basis.astype(np.float32).astype(np.float64) @ power.astype(np.float64)
+    assert mel.dtype == np.float32 and mel.shape == (40, 37)
+    np.testing.assert_array_equal(mel, exact.astype(np.float32))
+    with pytest.raises(ValueError, match="513"):
+        MelProjection(basis)(power.T)
+
+
+def test_features_do_not_depend_on_the_thread_count(aisfx_shared) -> None:
+    """Feature files are DVC outputs: the same on a 1-core and a many-core machine."""
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    logmel = build_expert("logmel", {})
+    waves16 = [noise(1.3, SR16), noise(0.4, SR16, 1)]
+    waves44 = [noise_burst(3), harmonic_tone(440.0, seconds=2.5)]
+    expected = logmel.embed(waves16) + aisfx_shared.embed(waves44)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with threadpoolctl.threadpool_limits(1):
+            single = logmel.embed(waves16) + aisfx_shared.embed(waves44)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(single, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------- PANNs and VGGish (weights saved by the tests)
 def _architecture(name: str) -> torch.nn.Module:
     from atric.features.panns import PannsCnn

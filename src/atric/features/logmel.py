@@ -16,7 +16,14 @@ import numpy as np
 import torch
 from pydantic import Field, model_validator
 
-from atric.features.base import NO_CHECKPOINT, AudioExpert, ExpertSettings, pad_to_min_length, parse_settings
+from atric.features.base import (
+    NO_CHECKPOINT,
+    AudioExpert,
+    ExpertSettings,
+    MelProjection,
+    pad_to_min_length,
+    parse_settings,
+)
 
 
 class LogMelSettings(ExpertSettings):
@@ -46,13 +53,15 @@ class LogMel(AudioExpert):
         self.n_fft = max(1, round(self.config.win_seconds * self.sample_rate))
         self.hop_seconds = self.hop_length / self.sample_rate
         self.checkpoint_hash = NO_CHECKPOINT
-        self._mel_basis = librosa.filters.mel(
-            sr=self.sample_rate,
-            n_fft=self.n_fft,
-            n_mels=self.config.n_mels,
-            fmin=self.config.fmin,
-            fmax=self.config.fmax,
-        ).astype(np.float32)
+        self._mel = MelProjection(
+            librosa.filters.mel(
+                sr=self.sample_rate,
+                n_fft=self.n_fft,
+                n_mels=self.config.n_mels,
+                fmin=self.config.fmin,
+                fmax=self.config.fmax,
+            )
+        )
 
     def settings(self) -> dict[str, Any]:
         return self.config.model_dump()
@@ -61,7 +70,7 @@ class LogMel(AudioExpert):
         # A clip shorter than one window is zero-padded to one window (T >= 1, no librosa warning).
         y = pad_to_min_length(waveform, self.n_fft)
         spec = np.abs(librosa.stft(y, n_fft=self.n_fft, hop_length=self.hop_length, center=True)) ** 2
-        mel = self._mel_basis @ spec.astype(np.float32)
+        mel = self._mel(spec)  # sparse, exact in float64: the same on any core count
         logmel = librosa.power_to_db(mel, ref=1.0, amin=1e-10, top_db=None)
         return np.ascontiguousarray(logmel.T, dtype=np.float32)  # [T, n_mels]
 
