@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import runpy
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,8 +18,9 @@ import yaml
 from atric.audio import load_audio
 from atric.errors import DataError
 from atric.features import build_expert
+from atric.features import extract as extract_module
 from atric.features.base import AudioExpert
-from atric.features.extract import extract_features, work_dir
+from atric.features.extract import FINGERPRINT_ATTR, audio_fingerprint, extract_features, work_dir
 from atric.layout import FeatureFile, Layout, Manifest, ManifestClip, read_manifest, write_manifest
 
 SR = 16000
@@ -146,6 +148,8 @@ def test_resume_after_crash_recomputes_nothing_done(tmp_path: Path, logmel: Audi
     for clip_id, array in expected.items():
         np.testing.assert_array_equal(result[clip_id], array)
     assert not work_dir(path).exists()
+    # A resumed run writes the same bytes as an uninterrupted one (DVC hashes them).
+    assert path.read_bytes() == reference.features_path("logmel", "train").read_bytes()
 
 
 def test_shards_from_other_settings_are_discarded(tmp_path: Path, logmel: AudioExpert, capfd) -> None:
@@ -215,6 +219,31 @@ def test_short_clip_padded_and_changed_audio_recomputed(tmp_path: Path, logmel: 
     report = run(layout, counting)
     assert counting.clips == 1 and (report.computed, report.reused) == (1, 2)
     assert read_all(path)["c1"].shape == (11, 128)
+    # Clips reused from the previous output, one recomputed: the bytes of a fresh run.
+    fresh = make_corpus(tmp_path / "fresh", durations=(0.0005, 0.5, 0.7))
+    shutil.copy(wav, tmp_path / "fresh" / "raw" / "c1.wav")
+    run(fresh, logmel)
+    assert path.read_bytes() == fresh.features_path("logmel", "train").read_bytes()
+
+
+def test_fingerprints_are_of_the_decoded_bytes_and_a_fresh_run_hashes_nothing_twice(
+    tmp_path: Path, logmel: AudioExpert, monkeypatch
+) -> None:
+    layout = make_corpus(tmp_path / "data", durations=(0.5, 0.7, 0.3))
+
+    def hashed_up_front(path: Path) -> str:
+        raise AssertionError(f"{path} hashed up front: nothing to reuse in a fresh run")
+
+    monkeypatch.setattr(extract_module, "audio_fingerprint", hashed_up_front)
+    run(layout, logmel)
+    monkeypatch.undo()
+    manifest = read_manifest(layout.manifest_path)
+    with h5py.File(layout.features_path("logmel", "train")) as h5:
+        for clip in manifest.split("train"):
+            stored = h5[clip.clip_id].attrs[FINGERPRINT_ATTR]
+            assert stored == audio_fingerprint(manifest.audio_path(clip))
+            assert stored.startswith(f"{manifest.audio_path(clip).stat().st_size}:")
+    assert run(layout, Counting(logmel)).up_to_date  # the rerun hashes up front, and reuses all
 
 
 def test_cli(tmp_path: Path, monkeypatch, capsys) -> None:

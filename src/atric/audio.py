@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -13,16 +14,24 @@ from atric.errors import DataError
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 
 
-def load_audio(path: str | Path, sample_rate: int, clip_id: str | None = None) -> np.ndarray:
-    """Mono float32 waveform at ``sample_rate``; DataError naming the file/clip if unreadable or empty."""
+def load_audio(
+    path: str | Path, sample_rate: int, clip_id: str | None = None, *, data: bytes | None = None
+) -> np.ndarray:
+    """Mono float32 waveform at ``sample_rate``; DataError naming the file/clip if unreadable or empty.
+
+    ``data``: the file's bytes, already read by the caller (extraction hashes the very bytes it
+    decodes), decoded instead of reading ``path`` again; ``path`` still names it in errors.
+    """
     path = Path(path)
     what = f"{path}" + (f" (clip {clip_id!r})" if clip_id else "")
-    if not path.exists():
+    if data is None and not path.exists():
         raise DataError(f"{what}: audio file not found")
     try:
-        audio, rate = sf.read(path, dtype="float32", always_2d=True)
+        audio, rate = sf.read(path if data is None else io.BytesIO(data), dtype="float32", always_2d=True)
         audio = audio.mean(axis=1)
     except (sf.LibsndfileError, RuntimeError, TypeError) as exc:
+        if data is not None and isinstance(exc, sf.LibsndfileError):  # name the file, not the buffer
+            exc = sf.LibsndfileError(exc.code, f"Error opening {str(path)!r}: ")
         audio, rate = _load_fallback(path, what, exc)
     if audio.size == 0:
         raise DataError(f"{what}: audio file has zero length")
