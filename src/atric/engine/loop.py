@@ -174,14 +174,15 @@ def train_epoch(
                 loss = loss_fn(sim, torch.arange(n_clips, device=sim.device))
             else:
                 loss = loss_fn(sim.float(), batch.caption_clip)
-            if not torch.isfinite(loss):
+            loss_value = loss.item()  # the step's one host sync (a GPU waits here): the NaN check and the bar
+            if not math.isfinite(loss_value):
                 kept = (
                     f"the last good checkpoint {last_path} is kept"
                     if last_path.exists()
                     else "no checkpoint was written yet"
                 )
                 raise AtricError(
-                    f"{run_name}: loss is {loss.item()} at epoch {epoch}, step {step}: training stopped; "
+                    f"{run_name}: loss is {loss_value} at epoch {epoch}, step {step}: training stopped; "
                     f"{kept} (lower train.lr or check the features)"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -198,7 +199,8 @@ def train_epoch(
             steps += 1
             clips += n_clips
             progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if not progress.disable:
+                progress.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
     finally:
         progress.close()
         del iterator
