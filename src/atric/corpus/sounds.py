@@ -15,7 +15,9 @@ import functools
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from scipy import signal
+
+# scipy.signal is imported inside the functions that filter: training imports this module
+# (atric.order -> corpus.captions -> corpus.events) but never renders a sound.
 
 Renderer = Callable[[np.random.Generator, int, int], np.ndarray]
 EVENT_RMS = 0.2
@@ -44,12 +46,14 @@ def _sos(kind: str, cutoff: float | Sequence[float], sr: int, order: int = 2) ->
 
 @functools.lru_cache(maxsize=4096)
 def _butter(kind: str, cutoff: tuple[float, ...], sr: int, order: int) -> np.ndarray:
+    from scipy import signal
     return signal.butter(
         order, cutoff[0] if len(cutoff) == 1 else list(cutoff), btype=kind, fs=sr, output="sos"
     )
 
 
 def _filter(x: np.ndarray, kind: str, cutoff: float | Sequence[float], sr: int, order: int = 2) -> np.ndarray:
+    from scipy import signal
     return signal.sosfilt(_sos(kind, cutoff, sr, order), x)
 
 
@@ -61,6 +65,7 @@ _PINK_A = (1.0, -2.494956002, 2.017265875, -0.522189400)
 
 def pink_noise(rng: np.random.Generator, n: int) -> np.ndarray:
     """1/f noise, unit RMS."""
+    from scipy import signal
     pink = signal.lfilter(_PINK_B, _PINK_A, rng.standard_normal(n))
     return pink / max(float(np.sqrt(np.mean(pink**2))), 1e-12)
 
@@ -196,6 +201,7 @@ def _speech(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
 
 
 def _applause(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    from scipy import signal
     claps = np.zeros(n)
     count = int(n / sr * rng.uniform(120, 300)) + 1
     np.add.at(claps, rng.integers(0, n, count), rng.uniform(0.3, 1.0, count))
@@ -385,6 +391,7 @@ def _thunder(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
 
 
 def _fire(rng: np.random.Generator, n: int, sr: int) -> np.ndarray:
+    from scipy import signal
     pops = np.zeros(n)
     count = int(n / sr * rng.uniform(12, 35)) + 1
     np.add.at(pops, rng.integers(0, n, count), rng.pareto(2.0, count) + 0.2)
