@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from atric.atomic import check_writable, remove_stale_temps
 from atric.config import Params, flatten
 from atric.data import open_split
-from atric.device import resolve_device
+from atric.device import configure_threads, resolve_device
 from atric.embed import frames_to_batch
 from atric.engine import (
     RunPaths,
@@ -68,7 +68,7 @@ def run_tags(params: Params, run_name: str, device: torch.device, stage: str) ->
         "device": str(device),
         # CPU results depend on the intra-op thread count at float rounding level, which grows into
         # different metrics over epochs (issue #14): record it so two runs can be compared.
-        "torch_threads": str(torch.get_num_threads()),
+        "torch_threads": str(configure_threads(tp.threads)),  # what train() will use
         "dvc_stage": stage,
         "run": run_name,
     }
