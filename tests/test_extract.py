@@ -226,7 +226,7 @@ def test_short_clip_padded_and_changed_audio_recomputed(tmp_path: Path, logmel: 
     assert path.read_bytes() == fresh.features_path("logmel", "train").read_bytes()
 
 
-def test_fingerprints_are_of_the_decoded_bytes_and_a_fresh_run_hashes_nothing_twice(
+def test_fingerprints_are_of_the_decoded_bytes_and_hashed_up_front_only_to_reuse(
     tmp_path: Path, logmel: AudioExpert, monkeypatch
 ) -> None:
     layout = make_corpus(tmp_path / "data", durations=(0.5, 0.7, 0.3))
@@ -244,6 +244,10 @@ def test_fingerprints_are_of_the_decoded_bytes_and_a_fresh_run_hashes_nothing_tw
             assert stored == audio_fingerprint(manifest.audio_path(clip))
             assert stored.startswith(f"{manifest.audio_path(clip).stat().st_size}:")
     assert run(layout, Counting(logmel)).up_to_date  # the rerun hashes up front, and reuses all
+    # Other settings: nothing in the output can be reused, so nothing is hashed up front.
+    monkeypatch.setattr(extract_module, "audio_fingerprint", hashed_up_front)
+    other = Counting(build_expert("logmel", {"n_mels": 64}))
+    assert run(layout, other).computed == 3 and other.clips == 3
 
 
 def test_cli(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -10,9 +10,9 @@ output through a temp file and a rename, and removes the shards.
 Per clip we record the audio file's fingerprint (size and content hash), so an edited or
 regenerated audio file is recomputed while untouched clips are reused. The fingerprint
 stored with a clip is the hash of the very bytes that were decoded (each file is read
-once, in the decoding thread); fingerprints are computed up front only when there is
-something to reuse (an existing output or shards), which a ``dvc repro`` never has, since
-DVC removes a stage's outputs before running it.
+once, in the decoding thread). A file is hashed beforehand only to decide whether its clip
+can be reused, i.e. when an output or shard with the same params hash holds it: never in a
+``dvc repro``, since DVC removes a stage's outputs before running it.
 """
 
 from __future__ import annotations
@@ -105,6 +105,42 @@ def bytes_fingerprint(data: bytes) -> str:
     return f"{len(data)}:{hashlib.blake2b(data, digest_size=16).hexdigest()}"
 
 
+class _Fingerprints:
+    """Clip id -> audio fingerprint, each hashed only when first asked for.
+
+    Reuse decisions ask only for the clips found in an output or shard made with the same
+    params hash, so a fresh run (and every ``dvc repro``, which removes a stage's outputs
+    first) or a run with new settings hashes nothing up front; clips computed in this run
+    get the hash of the bytes their decoding read (``record``).
+    """
+
+    def __init__(self, paths: dict[str, Path]) -> None:
+        self._paths = paths
+        self._known: dict[str, str] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._paths)
+
+    def __contains__(self, clip_id: object) -> bool:
+        return clip_id in self._paths
+
+    def get(self, clip_id: str) -> str | None:
+        if clip_id not in self._paths:
+            return None
+        if clip_id not in self._known:
+            self._known[clip_id] = audio_fingerprint(self._paths[clip_id])
+        return self._known[clip_id]
+
+    def __getitem__(self, clip_id: str) -> str:
+        value = self.get(clip_id)
+        if value is None:
+            raise KeyError(clip_id)
+        return value
+
+    def record(self, clip_id: str, fingerprint: str) -> None:
+        self._known[clip_id] = fingerprint
+
+
 def _describe(expert: AudioExpert) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, **expert.describe()}
 
@@ -119,7 +155,7 @@ class _Done:
     def __init__(self) -> None:
         self.source: dict[str, Path] = {}
 
-    def scan(self, path: Path, phash: str, fingerprints: dict[str, str]) -> bool:
+    def scan(self, path: Path, phash: str, fingerprints: _Fingerprints) -> bool:
         """Register the usable clips in ``path``; False if its params hash differs."""
         with h5py.File(path, "r") as h5:
             if h5.attrs.get("params_hash") != phash:
@@ -148,7 +184,7 @@ def _reusable(node: object, dim: int | None) -> bool:
     return bool(np.isfinite(node[()]).all())
 
 
-def _previous_output(output: Path, phash: str, fingerprints: dict[str, str], done: _Done) -> bool:
+def _previous_output(output: Path, phash: str, fingerprints: _Fingerprints, done: _Done) -> bool:
     """Reuse an existing output's clips; True if it already holds exactly the split's clips."""
     if not output.exists():
         return False
@@ -164,7 +200,7 @@ def _previous_output(output: Path, phash: str, fingerprints: dict[str, str], don
     return exact and all(done.source.get(c) == output for c in fingerprints)
 
 
-def _scan_shards(parts: Path, phash: str, fingerprints: dict[str, str], done: _Done) -> None:
+def _scan_shards(parts: Path, phash: str, fingerprints: _Fingerprints, done: _Done) -> None:
     if not parts.is_dir():
         return
     shards = sorted(parts.glob(SHARD_GLOB))
@@ -309,9 +345,7 @@ def extract_features(
     description = _describe(expert)
     phash = params_hash(description)
     parts = work_dir(output)
-    # Hashing every file up front is needed only to decide what can be reused.
-    reusable = output.exists() or parts.is_dir()
-    fingerprints = {c.clip_id: audio_fingerprint(manifest.audio_path(c)) for c in clips} if reusable else {}
+    fingerprints = _Fingerprints({c.clip_id: manifest.audio_path(c) for c in clips})
     done = _Done()
     if _previous_output(output, phash, fingerprints, done):
         report.up_to_date = True
@@ -336,7 +370,7 @@ def extract_features(
                     _clip_failed(report, clip, result, on_error)
                 else:
                     good.append((clip, result))
-                    fingerprints[clip.clip_id] = fingerprint
+                    fingerprints.record(clip.clip_id, fingerprint)
             rows: list[tuple[str, np.ndarray, str]] = []
             if good:
                 start = time.perf_counter()
