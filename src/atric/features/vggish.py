@@ -24,6 +24,7 @@ from torch import nn
 from atric.features.base import (
     AudioExpert,
     ExpertSettings,
+    MelProjection,
     checkpoint_path,
     embed_in_chunks,
     load_pretrained,
@@ -74,7 +75,8 @@ def log_mel(waveform: np.ndarray, mel: np.ndarray, offset: float = LOG_OFFSET) -
     frames = np.lib.stride_tricks.sliding_window_view(waveform, WINDOW)[::HOP]
     window = 0.5 - 0.5 * np.cos(2 * np.pi / WINDOW * np.arange(WINDOW))  # periodic Hann
     magnitude = np.abs(np.fft.rfft(frames * window, FFT)).astype(np.float32)
-    return np.log(magnitude @ mel + offset)
+    # Exact in float64 and thread-count independent (a BLAS matmul is not): see MelProjection.
+    return np.log(MelProjection(mel.T)(magnitude.T).T + offset)
 
 
 class VGGishNet(nn.Module):
