@@ -131,7 +131,9 @@ class TextResult:
 @dataclass
 class _Split:
     clips: Tensor  # [N] bool
-    hidden: Tensor  # [1, N] bool: the other clips, for masked_fill (not inverted again each query)
+    # [1, N] 0 for the split's clips, -inf for the others: added to the scores, which costs
+    # ~1000x less than masked_fill on 2 threads (15 ms at 10^5 clips, as much as the matmul).
+    bias: Tensor
     count: int
 
 
@@ -259,7 +261,8 @@ class Searcher:
                     f"rebuild it with `{build_command(self.run)} --split {split}`"
                 )
             mask = mask.to(self.device)
-            self._splits[split] = _Split(mask, (~mask).unsqueeze(0), int(mask.sum()))
+            bias = torch.zeros(1, len(mask), device=self.device).masked_fill(~mask, float("-inf"))
+            self._splits[split] = _Split(mask, bias, int(mask.sum()))
         return self._splits[split]
 
     @torch.no_grad()
@@ -278,12 +281,12 @@ class Searcher:
 
     def _exact_top(self, queries: Tensor, k: int, split: str | None) -> tuple[Tensor, Tensor]:
         """Every clip scored: one [b, N] matmul per chunk of queries."""
-        hidden = None if split is None else self._split(split).hidden
+        bias = None if split is None else self._split(split).bias
         scores, indices = [], []
         for start in range(0, queries.shape[0], _QUERY_CHUNK):
             sim = queries[start : start + _QUERY_CHUNK] @ self.clips.t()  # [b, N]
-            if hidden is not None:
-                sim = sim.masked_fill(hidden, float("-inf"))
+            if bias is not None:
+                sim += bias  # the split's scores unchanged (x + 0), the others -inf
             top = torch.topk(sim, k, dim=1)
             scores.append(top.values.cpu())
             indices.append(top.indices.cpu())
