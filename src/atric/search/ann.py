@@ -7,14 +7,15 @@ concatenated clip rows the exact search scans, in faiss's own format (``write_in
 ``read_index``: no pickle), written atomically, and named with its parameters in the HDF5
 index's ``ann`` attribute (``AnnInfo``).
 
-Why IVF-Flat and not HNSW (``benchmarks/search.py``, 2 shared CPU cores, 256-d): both answer
-a query in a millisecond or two at 10^6 clips, but on clips made of a few of some hundred
-sound events (tight clusters of near-duplicates, as a captioned-audio corpus is) an HNSW
-graph's edge pruning cuts the clusters apart: recall@10 stayed near 0.84 at efSearch 256
-(10^5 clips, M 32), where IVF with sqrt(N) lists reached 0.998 probing 8 of them. IVF also
-builds in ~30 s at 10^6 clips (HNSW: ~5 min), costs 8 bytes a clip beyond the vectors (HNSW
-M 32: ~300), keeps its recall under a split filter (the filter drops clips from the lists
-it scans, not from a graph walk), and builds the same lists from the same clips.
+Why IVF-Flat and not HNSW (``benchmarks/search.py``, results in benchmarks/results/search.json;
+2 shared CPU cores, 256-d rows): both answer a query in milliseconds at 10^6 clips, but on
+clips made of a few of some hundred sound events (tight clusters of near-duplicates, as a
+captioned-audio corpus is) an HNSW graph's edge pruning cuts the clusters apart: recall@10
+stayed at 0.77-0.84 for efSearch 32-256 (10^5 clips, M 32), where IVF reached 0.997 probing
+8 lists. On a plain Gaussian mixture both do well (HNSW 0.97-0.99, IVF 0.9995). IVF also
+builds in ~40 s at 10^6 clips (HNSW: ~5 min), holds 8 bytes a clip beyond its row (HNSW
+M 32: ~260), keeps its recall under a split filter (the filter skips clips in the lists it
+scans, not nodes of a graph walk), and rebuilding from the same clips gives the same bytes.
 
 Scores are inner products, the model's similarity: every expert block of a clip is unit
 norm, so every clip row has the same norm sqrt(X) and inner product ranks as cosine. The
@@ -36,8 +37,9 @@ import numpy as np
 from atric.atomic import atomic_path
 from atric.errors import DataError
 
-# Below this many clips a query scans every clip: fast enough (a few ms at 10^5 on 2 cores)
-# and no index to build. Also the split size under which a split filter scans that split.
+# Below this many clips a query scans every clip: ~10 ms at 5 x 10^4 on 2 cores, and no index
+# to build (10^5: 15-23 ms; 10^6: 150-240 ms, bound by reading 1 GiB of rows a query). Also
+# the split size under which a split filter on an approximate index scans that split.
 EXACT_BELOW = 50_000
 # Inverted lists: sqrt(N) (1000 at 10^6 clips, ~1000 clips each): k-means on 40 clips a list
 # (faiss warns below 39) takes seconds; 4 sqrt(N) lists cut the scan per probe by 4 but took
@@ -46,9 +48,9 @@ LISTS_PER_SQRT_CLIP = 1
 TRAIN_CLIPS_PER_LIST = 40
 KMEANS_ITERATIONS = 10
 KMEANS_SEED = 0
-# Lists scanned per query: 32 of 1000 scans ~3% of 10^6 clips (~4 ms on one core); recall@10
-# on the benchmark's clustered embeddings is >= 0.998 already at 8-16, so this is margin
-# for real data, whose clusters are not the benchmark's.
+# Lists scanned per query: 32 of 1000 at 10^6 clips (~3% of the rows): recall@10 0.98-0.999
+# on the benchmark's clustered data, p50 4-9 ms; 64 lists gained ~0.005 for twice the time,
+# 16 lost ~0.005. Margin for real data, whose clusters are not the benchmark's.
 NPROBE = 32
 ANN_SUFFIX = ".faiss"
 ANN_KIND = "ivf_flat_ip"
@@ -163,11 +165,18 @@ class ApproximateIndex:
         """Top-``k`` clips of queries [B, D]: (scores [B, k], clip rows [B, k]; -1 where fewer
         than ``k`` were found). ``allowed`` [N] bool: only these clips (a split)."""
         params = faiss.SearchParametersIVF()
-        params.nprobe = min(self.nprobe, self.info.lists)
+        nprobe = self.nprobe
         if allowed is not None:
+            # A split's 10 best lie deeper in the lists than the whole index's: probe
+            # sqrt(1/fraction) times as many. faiss skips the other clips' rows cheaply, so a 10%
+            # split costs less than an unfiltered query (10^6 clips: 5 ms, recall@10 0.98 as
+            # unfiltered; unscaled 2.5 ms and 0.96; scaled by 1/fraction 26 ms and 0.99).
+            fraction = max(1, int(np.count_nonzero(allowed))) / len(allowed)
+            nprobe = math.ceil(nprobe / math.sqrt(fraction))
             bitmap = np.packbits(allowed, bitorder="little")  # kept alive while faiss reads it
             selector = faiss.IDSelectorBitmap(len(allowed), faiss.swig_ptr(bitmap))
             params.sel = selector
+        params.nprobe = min(nprobe, self.info.lists)
         scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         return scores, rows
 
