@@ -104,7 +104,12 @@ class LSTMPooling(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         x, lengths = _real_frames_first(_check_inputs(x, mask, self.input_dim), mask)
-        hidden, _ = self.lstm(x)
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # oneDNN's CPU LSTM has no bf16/fp16 kernel on every CPU: run this layer in float32.
+            with torch.autocast("cpu", enabled=False):
+                hidden, _ = self.lstm(x.float())
+        else:
+            hidden, _ = self.lstm(x)
         real = torch.arange(x.shape[1], device=x.device).unsqueeze(0) < lengths.unsqueeze(1)
         hidden = torch.where(real.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
         pooled = hidden.sum(dim=1) / _frame_counts(mask, hidden.dtype)
