@@ -5,11 +5,10 @@ from __future__ import annotations
 import copy
 
 import pytest
+import pytorch_optimizer  # a test dependency (pyproject [test]): a missing one must fail, not skip
 import torch
 
 from atric.ranger import Ranger
-
-pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
 
 
 def _model() -> torch.nn.Module:
