@@ -517,10 +517,10 @@ def main() -> int:
     report["metrics"] = metrics_time()
     report["load"]["uptime_after"] = uptime()
     text = json.dumps(report, indent=1)
+    from atric.atomic import write_json_atomic
+
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = args.out.with_suffix(".json.tmp")
-    tmp_out.write_text(text + "\n")
-    tmp_out.replace(args.out)
+    write_json_atomic(args.out, report)
     print(text)
     return 0
 
