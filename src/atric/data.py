@@ -121,6 +121,14 @@ class ExpertFeatures:
         # FeatureFile checks rank, dim and finiteness and names the file and clip on error.
         return self._source.get()[self.clip_ids[clip]][: self.max_frames]
 
+    def cached_rows(self, clips: np.ndarray | slice) -> tuple[Tensor, Tensor]:
+        """Cached clips as a batch: their zero-padded rows and masks, the tensors ``pad_frames`` makes."""
+        if self.cache is None:
+            raise DataError(f"{self.path}: expert {self.name!r} is not cached in RAM")
+        real = np.minimum(self.lengths[clips], self.max_frames)
+        mask = np.arange(self.max_frames)[None, :] < real[:, None]
+        return torch.from_numpy(self.cache[clips]), torch.from_numpy(mask)
+
     @property
     def cache_bytes(self) -> int:
         """RAM a cache takes: the zero-padded [N, max_frames, dim] float32 array."""
@@ -570,12 +578,7 @@ class CachedBatches:
         column = np.empty_like(by_first_use)
         column[by_first_use] = np.arange(len(by_first_use))
         clip_index = distinct[by_first_use]
-        audio = {}
-        for name, expert in self.data.experts.items():
-            assert expert.cache is not None
-            real = np.minimum(expert.lengths[clip_index], expert.max_frames)
-            mask = np.arange(expert.max_frames)[None, :] < real[:, None]
-            audio[name] = (torch.from_numpy(expert.cache[clip_index]), torch.from_numpy(mask))
+        audio = {name: expert.cached_rows(clip_index) for name, expert in self.data.experts.items()}
         words, word_mask = pad_words([self.data.words[int(c)] for c in captions])
         return Batch(
             audio=audio,

@@ -67,14 +67,8 @@ def _cached_clip_batches(data: SplitData, batch_size: int) -> Iterator[dict[str,
     """The clip loader's batches, sliced straight from a split cached in RAM (zero-padded to
     ``max_frames`` already; the same tensors ``ClipCollate`` builds)."""
     for start in range(0, len(data), batch_size):
-        stop = min(start + batch_size, len(data))
-        batch = {}
-        for name, expert in data.experts.items():
-            assert expert.cache is not None
-            real = np.minimum(expert.lengths[start:stop], expert.max_frames)
-            mask = np.arange(expert.max_frames)[None, :] < real[:, None]
-            batch[name] = (torch.from_numpy(expert.cache[start:stop]), torch.from_numpy(mask))
-        yield batch
+        rows = slice(start, min(start + batch_size, len(data)))
+        yield {name: expert.cached_rows(rows) for name, expert in data.experts.items()}
 
 
 @torch.no_grad()
