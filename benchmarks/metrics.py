@@ -2,7 +2,7 @@
 revision's ``atric/metrics.py`` in the same process, interleaved; both must give identical
 metrics on a random and on a heavily tied matrix.
 
-    python benchmarks/metrics.py [--baseline 232b2ad] [--rounds 9]
+    python benchmarks/metrics.py [--baseline cc6cc6f] [--rounds 9]
 
 Prints JSON and writes benchmarks/results/metrics.json (target: < 20 ms on 2 idle cores).
 """
@@ -46,7 +46,7 @@ def baseline_metrics(revision: str):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default="232b2ad")
+    parser.add_argument("--baseline", default="cc6cc6f")  # main when the performance issue was filed
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "metrics.json")
     args = parser.parse_args()
@@ -56,12 +56,22 @@ def main() -> int:
     tied = np.round(sim, 1)
     identical = all(sides["baseline"](m, 5) == sides["current"](m, 5) for m in (sim, tied))
     uptime_before = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
+    # Interleaved (each call right after the other side's) and consecutive (each side's calls back
+    # to back, as timeit does). They differ on this 2-core VM: after ~0.1 s with one core idle, the
+    # threaded counting runs ~1.5x slower than back to back (the idle core is slow to come back).
     times: dict[str, list[float]] = {name: [] for name in sides}
+    consecutive: dict[str, list[float]] = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, metrics in sides.items():
             start = time.perf_counter()
             metrics(sim, 5)
             times[name].append(1000 * (time.perf_counter() - start))
+    for name, metrics in sides.items():
+        metrics(sim, 5)
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            metrics(sim, 5)
+            consecutive[name].append(1000 * (time.perf_counter() - start))
     report = {
         "matrix": [5000, 1000],
         "baseline": args.baseline,
@@ -69,6 +79,10 @@ def main() -> int:
         **{
             f"{name}_ms": {"median": round(float(np.median(t)), 1), "min": round(min(t), 1)}
             for name, t in times.items()
+        },
+        **{
+            f"{name}_consecutive_ms": {"median": round(float(np.median(t)), 1), "min": round(min(t), 1)}
+            for name, t in consecutive.items()
         },
         "target_ms": 20,
         "uptime_before": uptime_before,

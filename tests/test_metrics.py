@@ -72,6 +72,30 @@ def test_matches_loop_reference_including_ties(n_clips: int, cpc: int, decimals:
     assert_metrics_equal(retrieval_metrics(sim, captions_per_clip=cpc), reference_metrics(sim, cpc))
 
 
+@pytest.mark.parametrize(
+    ("n_clips", "cpc", "decimals", "seed"),
+    # Several row blocks, a short last block, widths that are not whole uint64 words, rows laid
+    # side by side (narrow matrices) or not (wide ones), ties across blocks.
+    [(203, 5, 1, 6), (203, 5, None, 7), (97, 3, 2, 8), (641, 1, 1, 9), (530, 5, 2, 10)],
+)
+def test_blocked_counting_matches_the_loop_reference_over_many_blocks(
+    n_clips: int, cpc: int, decimals: int | None, seed: int
+) -> None:
+    rng = np.random.default_rng(seed)
+    sim = rng.uniform(-1, 1, size=(cpc * n_clips, n_clips)).astype(np.float32)
+    sim[np.arange(cpc * n_clips), np.arange(cpc * n_clips) // cpc] += 0.6
+    if decimals is not None:
+        sim = np.round(sim, decimals)
+    assert_metrics_equal(retrieval_metrics(sim, captions_per_clip=cpc), reference_metrics(sim, cpc))
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf() -> None:
+    """Their sum overflows to inf; the exact element check then accepts them."""
+    rng = np.random.default_rng(11)
+    sim = rng.uniform(0.5, 1.0, size=(50, 10)) * np.finfo(np.float64).max
+    assert_metrics_equal(retrieval_metrics(sim), reference_metrics(sim, 5))
+
+
 def test_float32_input_and_all_ties() -> None:
     sim = np.zeros((10, 2), dtype=np.float32)
     metrics = retrieval_metrics(sim)
@@ -203,3 +227,16 @@ def test_format_metrics_table() -> None:
     assert "100.00" in lines[1] and "1.000" in lines[1]
     with pytest.raises(DataError):
         format_metrics_table({})
+
+
+def test_a_forked_child_counts_with_threads_of_its_own() -> None:
+    """The counting threads are kept per process: a child forked after the parent used them
+    (e.g. a DataLoader worker, a tuning process) must not wait on threads it does not have."""
+    import multiprocessing
+
+    rng = np.random.default_rng(12)
+    sim = rng.standard_normal((5 * 300, 300)).astype(np.float32)  # several blocks: the threaded path
+    expected = retrieval_metrics(sim)
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        result = pool.apply_async(retrieval_metrics, (sim,))
+        assert result.get(timeout=60) == expected

@@ -25,6 +25,8 @@ spread over the available cores (numpy releases the GIL); 5,000 x 1,000 takes mi
 
 from __future__ import annotations
 
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,27 +38,84 @@ MAP_CUTOFF = 10
 DIRECTIONS: tuple[str, ...] = ("t2a", "a2t")
 
 
-# Rows of the similarity matrix per block: 256 x 1,000 float32 is 1 MiB, cache-sized.
-BLOCK_ROWS = 256
+# Rows of the similarity matrix per block: 255 x 1,000 float32 is 1 MiB, cache-sized, and a
+# column's count over one block fits one byte (see _column_counts).
+BLOCK_ROWS = 255
+LANES = 8  # bool bytes per uint64 word
 
 
-def _count(mask: np.ndarray, axis: int) -> np.ndarray:
-    """True entries along ``axis``, summed as small unsigned ints (bool sums cast per element)."""
-    dtype = np.uint16 if mask.shape[axis] < np.iinfo(np.uint16).max else np.uint32
-    return mask.view(np.uint8).sum(axis=axis, dtype=dtype).astype(np.int64)
+def _mask_buffer(masks: int, rows: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """An uninitialised [masks, rows, width] bool buffer padded to whole uint64 words (the padding
+    False), and the unpadded view that comparisons write into."""
+    buffer = np.empty((masks, rows, -(-width // LANES) * LANES), dtype=bool)
+    buffer[:, :, width:] = False
+    return buffer, buffer[:, :, :width]
+
+
+def _column_counts(buffer: np.ndarray) -> np.ndarray:
+    """``buffer.sum(axis=1)`` for [masks, <= 255 rows, 8k] bools, [masks, 8k] uint8: the rows are
+    added as uint64 words, whose 8 byte lanes each sum one column and cannot carry into the next
+    (at most 255 ones)."""
+    words = np.add.reduce(buffer.view(np.uint64), axis=1)
+    return words.view(np.uint8).reshape(buffer.shape[0], -1)
+
+
+def _row_counts(buffer: np.ndarray) -> np.ndarray:
+    """``buffer.sum(axis=2)`` for [masks, rows, 8k] bools, as int64: each row's words added 255 at
+    a time as packed byte lanes (exact, as above), then the 8 lanes."""
+    words = buffer.view(np.uint64)
+    total = np.zeros(buffer.shape[:2], dtype=np.int64)
+    for first in range(0, words.shape[2], 255):
+        lanes = np.add.reduce(words[:, :, first : first + 255], axis=2)
+        total += lanes.view(np.uint8).reshape(*buffer.shape[:2], LANES).sum(axis=2, dtype=np.int64)
+    return total
+
+
+# numpy compares a block against a row of thresholds row by row; rows of at least this many
+# values run about twice as fast as 1,000-value rows, so narrow matrices are compared with
+# several rows laid side by side (the thresholds repeated to match).
+WIDE_ROW = 4096
+
+
+def _side_by_side(columns: int) -> int:
+    """How many matrix rows one wide row holds (at most a block's rows)."""
+    return max(1, min(BLOCK_ROWS, -(-WIDE_ROW // columns)))
 
 
 def _block_counts(
-    sim: np.ndarray, own: np.ndarray, gt: np.ndarray, start: int, stop: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    sim: np.ndarray, own: np.ndarray, gt_wide: np.ndarray, start: int, stop: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, bool]:
     """For rows [start, stop): per row, the scores > and >= its own clip's (t2a); per caption slot
-    and clip column, the block's scores > and >= that slot's ground truth (a2t, partial sums)."""
+    and clip column, the block's scores > and >= that slot's ground truth (a2t, partial sums);
+    whether the block's values are all finite.
+
+    The comparisons of a block write into one bool buffer, counted by one reduction, with the
+    counts as word-wide additions, 8 columns at a time."""
     block = sim[start:stop]
+    rows, columns = block.shape
+    with np.errstate(over="ignore"):  # a sum overflowing from huge finite values: the exact check
+        finite = bool(np.isfinite(block.sum())) or bool(np.isfinite(block).all())
     target = own[start:stop, None]
-    row_above, row_at_least = _count(block > target, 1), _count(block >= target, 1)
-    col_above = np.stack([_count(block > slot, 0) for slot in gt])
-    col_at_least = np.stack([_count(block >= slot, 0) for slot in gt])
-    return row_above, row_at_least, col_above, col_at_least
+    buffer, masks = _mask_buffer(2, rows, columns)
+    np.greater(block, target, out=masks[0])
+    np.greater_equal(block, target, out=masks[1])
+    row_above, row_at_least = _row_counts(buffer)
+
+    side = gt_wide.shape[1] // columns
+    if rows % side:  # the last, short block: one matrix row per row
+        side, thresholds = 1, gt_wide[:, :columns]
+    else:
+        thresholds = gt_wide
+    wide = block.reshape(rows // side, side * columns)
+    buffer, masks = _mask_buffer(2, rows // side, side * columns)
+    counts = np.empty((2 * len(thresholds), buffer.shape[2]), dtype=np.uint8)
+    for slot, values in enumerate(thresholds):
+        np.greater(wide, values, out=masks[0])
+        np.greater_equal(wide, values, out=masks[1])
+        counts[2 * slot : 2 * slot + 2] = _column_counts(buffer)
+    counts = counts[:, : side * columns]
+    counts = counts.reshape(len(counts), side, columns).sum(axis=1, dtype=np.int64)  # side by side rows added
+    return row_above, row_at_least, counts[0::2], counts[1::2], finite
 
 
 def _tie_averaged(above: np.ndarray, at_least: np.ndarray) -> np.ndarray:
@@ -64,17 +123,28 @@ def _tie_averaged(above: np.ndarray, at_least: np.ndarray) -> np.ndarray:
     return above + (at_least - above - 1) / 2.0
 
 
+@functools.cache
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """Threads kept for the process (evaluation calls this every epoch, and starting them costs
+    about as much as counting a small matrix); keyed by pid, as a forked child has none of them."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="atric-metrics")
+
+
 def _ranks(sim: np.ndarray, own: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """t2a ranks [cpc * N] and a2t slot ranks [cpc, N], tie-averaged, by blocked counting."""
     from atric.device import available_cpus
 
-    bounds = [(start, min(start + BLOCK_ROWS, sim.shape[0])) for start in range(0, sim.shape[0], BLOCK_ROWS)]
+    side = _side_by_side(sim.shape[1])
+    gt_wide = np.tile(gt, (1, side))
+    block_rows = side * (BLOCK_ROWS // side)  # whole wide rows in every block but the last
+    bounds = [(start, min(start + block_rows, sim.shape[0])) for start in range(0, sim.shape[0], block_rows)]
     workers = min(available_cpus(), len(bounds))
     if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            parts = list(pool.map(lambda b: _block_counts(sim, own, gt, *b), bounds))
+        parts = list(_pool(workers, os.getpid()).map(lambda b: _block_counts(sim, own, gt_wide, *b), bounds))
     else:
-        parts = [_block_counts(sim, own, gt, *b) for b in bounds]
+        parts = [_block_counts(sim, own, gt_wide, *b) for b in bounds]
+    if not all(p[4] for p in parts):
+        raise DataError(f"similarity matrix holds {int(np.size(sim) - np.isfinite(sim).sum())} NaN/inf values")
     t2a = _tie_averaged(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
     a2t = _tie_averaged(sum(p[2] for p in parts), sum(p[3] for p in parts))
     return t2a, a2t
@@ -113,18 +183,14 @@ def retrieval_metrics(sim: np.ndarray, captions_per_clip: int = 5) -> dict[str, 
         )
     if not np.issubdtype(sim.dtype, np.number) or np.iscomplexobj(sim):
         raise DataError(f"similarity matrix must be real-valued, got dtype {sim.dtype}")
-    # A sum is finite when every value is (NaN/inf propagate); only a sum that overflowed from
-    # large finite values needs the exact, slower element check.
-    if not np.isfinite(sim.sum()) and not np.isfinite(sim).all():
-        raise DataError(f"similarity matrix holds {int(np.size(sim) - np.isfinite(sim).sum())} NaN/inf values")
-
     clip_of_caption = np.arange(n_captions) // captions_per_clip
     # Similarity of every caption to its own clip, arranged [slot, clip]: gt[s, c] = sim[c*cpc + s, c].
     own = sim[np.arange(n_captions), clip_of_caption]
-    gt = own.reshape(n_clips, captions_per_clip).T
+    gt = np.ascontiguousarray(own.reshape(n_clips, captions_per_clip).T)  # rows compared in turn
 
     # t2a: each caption row against its own clip's value; a2t: each caption slot within its
-    # clip's column.
+    # clip's column. NaN/inf are refused there: a block's sum is finite when all its values are
+    # (NaN/inf propagate), and only a sum that overflowed needs the exact element check.
     t2a_ranks, slot_ranks = _ranks(sim, own, gt)  # [cpc * N], [cpc, N]
     t2a_ap = np.where(t2a_ranks < MAP_CUTOFF, 1.0 / (t2a_ranks + 1.0), 0.0)
     a2t_ranks = slot_ranks.min(axis=0)
