@@ -75,3 +75,24 @@ def test_invalid_hyperparameters_are_refused() -> None:
     for bad in ({"lr": -1.0}, {"alpha": 1.5}, {"k": 0}, {"betas": (0.9, 1.0)}):
         with pytest.raises(ValueError, match="Ranger"):
             Ranger(p, **bad)
+
+
+def test_training_with_ranger_does_not_import_torch_dynamo() -> None:
+    """torch.optim.Optimizer imports torch._dynamo (~2 s) on the first zero_grad/state_dict call
+    unless Ranger marks those methods; a train stage's start-up depends on it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from atric.ranger import Ranger\n"
+        "p = torch.nn.Parameter(torch.ones(3))\n"
+        "opt = Ranger([p], lr=0.1)\n"
+        "sched = torch.optim.lr_scheduler.StepLR(opt, 1, 0.9)\n"
+        "for _ in range(7):\n"
+        "    opt.zero_grad(); (p ** 2).sum().backward(); opt.step()\n"
+        "sched.step(); opt.load_state_dict(opt.state_dict())\n"
+        "print('torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

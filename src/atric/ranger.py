@@ -35,6 +35,20 @@ def rectified_step_size(step: int, lr: float, beta2: float, sma_threshold: float
     return lr * rt, sma
 
 
+# torch.optim.Optimizer wraps add_param_group, zero_grad, state_dict and load_state_dict in
+# torch._disable_dynamo, which imports torch._dynamo on the first call (1.8 s, the largest single
+# import of a train stage) only to keep them out of torch.compile's tracing. Nothing in atric is
+# compiled, so they are marked as already excluded and the wrappers call them directly.
+_DYNAMO_WRAPPED_METHODS = ("add_param_group", "zero_grad", "state_dict", "load_state_dict")
+
+
+def _skip_dynamo_import() -> None:
+    for name in _DYNAMO_WRAPPED_METHODS:
+        method = getattr(getattr(Optimizer, name), "__wrapped__", None)  # absent if torch drops the wrapper
+        if method is not None and getattr(method, "__dynamo_disable", None) is None:
+            method.__dynamo_disable = method  # the attribute torch._disable_dynamo caches its wrapper in
+
+
 class Ranger(Optimizer):
     """RAdam + Lookahead; see the module docstring for what exactly it computes."""
 
@@ -59,6 +73,7 @@ class Ranger(Optimizer):
             "lr": lr, "betas": betas, "alpha": alpha, "k": k, "step_counter": 0, "weight_decay": weight_decay,
             "weight_decouple": True, "fixed_decay": False, "eps": eps, "foreach": None,
         }  # fmt: skip
+        _skip_dynamo_import()
         super().__init__(params, defaults)
 
     @torch.no_grad()
