@@ -333,3 +333,23 @@ def test_temporal_poolings_see_the_order_of_frames(name: str, order_sensitive: b
     with torch.no_grad():
         forward, backward = pooling(clip, mask), pooling(clip.flip(1), mask)
     assert (not torch.allclose(forward, backward, atol=1e-4)) == order_sensitive
+
+
+def test_l2_normalize_equals_f_normalize_forward_bitwise_and_backward_to_rounding() -> None:
+    import torch.nn.functional as F
+
+    from atric.model.normalize import l2_normalize
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 20, 50)
+    x[3] = 0.0  # zero rows: the norm is clamped, F.normalize's gradient is grad / eps there
+    x[5, 2] = 1e-14
+    grad = torch.randn_like(x)
+    mine, theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    assert torch.equal(l2_normalize(mine), F.normalize(theirs, dim=-1))
+    l2_normalize(mine).backward(grad)
+    F.normalize(theirs, dim=-1).backward(grad)
+    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-6)
+    assert torch.equal(mine.grad[3], theirs.grad[3])
+    double = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(l2_normalize, (double,))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atric.errors import ConfigError
+from atric.model.normalize import l2_normalize
 
 
 class GatedEmbeddingUnit(nn.Module):
@@ -29,4 +29,4 @@ class GatedEmbeddingUnit(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.project(x)
         y = y * torch.sigmoid(self.gate_bn(self.gate(y)))
-        return F.normalize(y, dim=-1)
+        return l2_normalize(y)

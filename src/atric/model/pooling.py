@@ -16,11 +16,11 @@ import math
 from typing import get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from atric.config import PoolingName
 from atric.errors import ConfigError, DataError
+from atric.model.normalize import l2_normalize
 
 POOLINGS: tuple[str, ...] = get_args(PoolingName)  # the names are declared once, in the params schema
 
@@ -62,9 +62,9 @@ class MeanPooling(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         x = _check_inputs(x, mask, self.input_dim)
-        frames = F.normalize(x, dim=-1)  # zero frames stay zero (eps in the norm)
+        frames = l2_normalize(x)  # zero frames stay zero (eps in the norm)
         pooled = frames.sum(dim=1) / _frame_counts(mask, x.dtype)
-        return F.normalize(pooled, dim=-1)
+        return l2_normalize(pooled)
 
 
 class MaxPooling(nn.Module):
@@ -195,8 +195,8 @@ class NetVLADPooling(nn.Module):
         vlad = torch.einsum("btk,btd->bkd", assignment, x)  # [B, K, D]
         if self.centres is not None:
             vlad = vlad - assignment.sum(dim=1).unsqueeze(-1) * self.centres.unsqueeze(0)
-        vlad = F.normalize(vlad, dim=-1)  # intra-normalisation, per cluster
-        return F.normalize(vlad.reshape(batch, self.output_dim), dim=-1)
+        vlad = l2_normalize(vlad)  # intra-normalisation, per cluster
+        return l2_normalize(vlad.reshape(batch, self.output_dim))
 
 
 def build_pooling(
