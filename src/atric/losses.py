@@ -70,8 +70,10 @@ class MaxMarginRankingLoss(nn.Module):
         diagonal = square.diagonal().unsqueeze(1)  # S_ii as a column
         text_to_audio = torch.relu(self.margin - diagonal + square)  # [i, j]: S_ij against S_ii
         audio_to_text = torch.relu(self.margin - diagonal.t() + square)  # [i, j]: S_ij against S_jj
-        off_diagonal = ~torch.eye(n_audio, dtype=torch.bool, device=sim.device)
-        total = text_to_audio[off_diagonal].sum() + audio_to_text[off_diagonal].sum()
+        # The diagonal zeroed rather than the off-diagonal gathered: boolean indexing costs a host
+        # sync and a scatter in backward, half of this loss's time on a training step.
+        diagonal_mask = torch.eye(n_audio, dtype=torch.bool, device=sim.device)
+        total = (text_to_audio + audio_to_text).masked_fill(diagonal_mask, 0.0).sum()
         return total / (2 * n_audio * (n_audio - 1))
 
 
