@@ -20,7 +20,7 @@ Prints one JSON document (and writes it to ``--out``):
 - ``streaming``: ``--stream-clips`` AudioCaps-shaped clips written to HDF5, evicted from the
   page cache (posix_fadvise DONTNEED), then streamed through the engine's own ``train_epoch``
   with ``--num-workers`` DataLoader workers: clips/s, data-wait share (target < 0.10) and
-  peak RSS of the process and its workers (target < 4 GiB).
+  peak memory of the process and its workers, summed RSS and PSS (target < 4 GiB).
 - ``metrics``: milliseconds for the metrics of a 5,000 x 1,000 similarity matrix, both
   directions (median of 7; target < 20 ms).
 - ``load``: ``uptime`` before and after, cores, torch threads, OMP_WAIT_POLICY.
@@ -69,9 +69,10 @@ def child(args: argparse.Namespace) -> int:
     )
     captions, clips = len(data.words), len(data)
     data.close()
-    items = clips if tp.sampling == "clip" else captions
+    sampling = getattr(tp, "sampling", "pairs")  # older revisions only had pairs
+    items = clips if sampling == "clip" else captions
     batch = min(tp.batch_size, items)
-    train_captions = (items // batch) * batch if tp.sampling == "pairs" else None
+    train_captions = (items // batch) * batch if sampling == "pairs" else None
     start = time.perf_counter()
     epoch_ends: list[float] = []
 
@@ -210,19 +211,46 @@ def uptime() -> str:
 
 
 # ------------------------------------------------------------------ sections
-def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Baseline and current on identical data and params, interleaved per pooling."""
-    baseline_tree = work / "baseline"
-    subprocess.run(
-        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(baseline_tree), args.baseline],
-        check=True,
-        capture_output=True,
+def default_corpus_max_frames() -> dict[str, int]:
+    """This tree's padded length per expert of params.yaml's train.experts on the default corpus."""
+    from atric.config import load_params
+    from atric.data import open_split
+    from atric.layout import Layout
+
+    params = load_params(ROOT / "params.yaml")
+    tp = params.train
+    data = open_split(
+        Layout(params.data.dataset, ROOT / params.data.root),
+        "train",
+        experts=tp.experts,
+        vectors=params.text.vectors,
+        max_frames=tp.max_frames,
     )
     try:
-        trees = {"baseline": baseline_tree / "src", "current": ROOT / "src"}
+        return data.max_frames
+    finally:
+        data.close()
+
+
+def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Baseline and current on identical data and params, interleaved per pooling."""
+    revisions = {"baseline": args.baseline}
+    if args.clip_sampling:
+        # Revisions from before clip sampling have no train.sampling: those rows take another baseline.
+        revisions["clip baseline"] = args.clip_baseline or args.baseline
+    worktrees = {name: work / name.replace(" ", "-") for name in revisions}
+    for name, revision in revisions.items():
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(worktrees[name]), revision],
+            check=True,
+            capture_output=True,
+        )
+    try:
+        trees = {"baseline": worktrees["baseline"] / "src", "current": ROOT / "src"}
         # Each side reads its own params.yaml; the benchmark pins what it compares.
         datasets: dict[str, list[str]] = {
-            "default_corpus": [f"data.root={ROOT / 'data'}"],
+            # The padded length pinned: revisions chose it differently (a percentile, the whole clip).
+            "default_corpus": [f"data.root={ROOT / 'data'}", f"train.max_frames={json.dumps(default_corpus_max_frames())}"],
         }
         if args.clips:
             bench_root = work / "bench-data"
@@ -245,18 +273,23 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     overrides = [
                         *data_overrides,
                         f"train.pooling={pooling}",
-                        f"train.sampling={sampling}",
+                        # pairs is every revision's default (older ones have no train.sampling key)
+                        *([f"train.sampling={sampling}"] if sampling != "pairs" else []),
                         f"train.epochs={args.epochs}",
                         f"train.models_dir={work / 'models'}",
                         f"train.metrics_dir={work / 'metrics'}",
                         "train.device=cpu",
                         "train.num_workers=0",
                     ]
-                    row = {}
+                    row: dict[str, Any] = {}
+                    sides = dict(trees)
+                    if sampling == "clip":
+                        sides["baseline"] = worktrees["clip baseline"] / "src"
+                        row["baseline_revision"] = revisions["clip baseline"]
                     for side in ("baseline", "current"):
                         row[side] = run_child(
-                            trees[side],
-                            trees[side].parent / "params.yaml",
+                            sides[side],
+                            sides[side].parent / "params.yaml",
                             overrides,
                             baseline=side == "baseline",
                         )
@@ -303,13 +336,14 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                             file=sys.stderr,
                             flush=True,
                         )
-        return {"baseline": args.baseline, "runs": out, "under_load": loaded}
+        return {**revisions, "runs": out, "under_load": loaded}
     finally:
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(baseline_tree)],
-            capture_output=True,
-            check=False,
-        )
+        for tree in worktrees.values():
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                capture_output=True,
+                check=False,
+            )
 
 
 def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -376,7 +410,7 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             run_name=f"stream-{pooling}",
             last_path=work / "none.pt",
         )
-        with PeakRSS() as rss:
+        with PeakMemory() as memory:
             # Worker start-up and first batches, on other clips than the measured ones (epoch 1
             # shuffles differently), so the measured steps read only uncached clips.
             sampler.set_epoch(1)
@@ -387,7 +421,8 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         out["poolings"][pooling] = {
             "clips_per_s": round(clips / busy, 1),
             "data_wait_fraction": round(wait / busy, 4),
-            "peak_rss_gib": round(rss.peak / GIB, 3),
+            "peak_rss_gib": round(memory.peak_rss / GIB, 3),
+            "peak_pss_gib": round(memory.peak_pss / GIB, 3),
             "seconds": round(busy, 1),
         }
         del loader
@@ -400,31 +435,42 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     return out
 
 
-class PeakRSS:
-    """Samples the RSS of this process and its children (DataLoader workers) in a thread;
-    shared pages of forked workers count once per process, so this over-estimates."""
+class PeakMemory:
+    """Samples the memory of this process and its children (DataLoader workers) in a thread:
+    summed RSS (pages shared by forked workers counted once per process: an over-estimate) and
+    summed PSS (each shared page split between its sharers: the memory the job really holds)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         self.interval = interval
-        self.peak = 0
+        self.peak_rss = 0
+        self.peak_pss = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    @staticmethod
+    def _pss(pid: int) -> int:
+        with open(f"/proc/{pid}/smaps_rollup") as rollup:
+            for line in rollup:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+        return 0
+
+    def _sample(self) -> None:
         import psutil
 
         me = psutil.Process()
-        total = me.memory_info().rss
-        for kid in me.children(recursive=True):
+        rss = pss = 0
+        for process in [me, *me.children(recursive=True)]:
             try:
-                total += kid.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+                rss += process.memory_info().rss
+                pss += self._pss(process.pid)
+            except (psutil.Error, OSError):
+                pass  # a worker that just exited
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
+            self._sample()
             self._stop.wait(self.interval)
 
     def __enter__(self) -> Self:
@@ -434,7 +480,7 @@ class PeakRSS:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self._sample()
 
 
 def metrics_time() -> dict[str, Any]:
@@ -460,7 +506,7 @@ def metrics_time() -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", help="git revision to compare against side by side (e.g. 232b2ad)")
+    parser.add_argument("--baseline", help="git revision to compare against side by side (e.g. cc6cc6f, main when the issue was filed)")
     parser.add_argument(
         "--epochs", type=int, default=4, help="epochs per side-by-side run (the first is not averaged)"
     )
@@ -472,6 +518,9 @@ def main() -> int:
         help="poolings also timed beside a competing 2-core load",
     )
     parser.add_argument("--clip-sampling", action="store_true", help="also the paper's clip batching")
+    parser.add_argument(
+        "--clip-baseline", help="baseline revision of the clip-batching rows (default: --baseline; it must have it)"
+    )
     parser.add_argument(
         "--clips", type=int, default=3000, help="AudioCaps-shaped train clips side by side (0: none)"
     )
