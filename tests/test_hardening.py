@@ -29,6 +29,7 @@ from atric.config import Params  # noqa: E402
 from atric.engine import checkpoint as ckpt  # noqa: E402
 from atric.errors import CheckpointError  # noqa: E402
 from atric.ops import runlock, tracking  # noqa: E402
+from atric.ops.experiment import PREVIOUS_RUNS_DIR  # noqa: E402
 from atric.redact import redact  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,6 +156,9 @@ def test_locks_live_outside_the_run_output_and_dvc_ignores_them() -> None:
     assert Path("models/logmel-mean") not in lock.parents
     ignored = (REPO / ".dvcignore").read_text().split()
     assert f"{runlock.LOCKS_DIR}/" in ignored and tracking.RUN_ID_FILE in ignored and ".*.tmp" in ignored
+    # Checkpoints set aside by --pipeline are local history: in the hash of the index stage's
+    # `models` dependency they made dvc.lock differ from a fresh clone's.
+    assert f"{PREVIOUS_RUNS_DIR}/" in ignored
 
 
 # ------------------------------------------------------------------ 2. no unrestricted unpickling
