@@ -1,7 +1,8 @@
 """Training speed: this tree against a baseline revision side by side, idle and under load;
 AudioCaps-scale streaming from a cold page cache; metrics time.
 
-    python benchmarks/train.py --baseline 232b2ad            # side by side, idle and loaded
+    python benchmarks/train.py --baseline cc6cc6f --clip-sampling --clip-baseline 232b2ad
+                                                             # side by side, idle and loaded
     python benchmarks/train.py --stream-clips 50000          # + the real AudioCaps size streamed
 
 Prints one JSON document (and writes it to ``--out``):
