@@ -97,13 +97,23 @@ class Outage:
     """Engine callback: stop a service (as a crash) after one epoch, start it after another.
 
     It runs after the MLflow logger, so epoch ``stop_after`` is logged before the outage and
-    epoch ``start_after`` is the first one training through it.
+    epoch ``start_after`` is the first one training through it. The MLflow run opens beside
+    the first epoch (``tracking.OpeningRun``); an outage while it opens fails the stage (as
+    it did when the run was opened before training), so the first epoch waits for the run
+    here: these outages are mid-run.
     """
 
     service: Any  # services.MlflowServer | services.SeaweedS3
+    run_dir: Path  # RunPaths.run_dir: its run-id file appears once the run is open
     stop_after: int
     start_after: int | None = None
     events: list[str] = field(default_factory=list)
+
+    def on_train_begin(self) -> None:
+        deadline = time.monotonic() + 120
+        while not (self.run_dir / tracking.RUN_ID_FILE).exists():
+            assert time.monotonic() < deadline, "the MLflow run was not opened"
+            time.sleep(0.02)
 
     def on_epoch_end(self, epoch: int, row: dict[str, float]) -> None:
         if epoch == self.stop_after:
@@ -163,7 +173,7 @@ def test_mlflow_down_mid_run_training_goes_on_and_buffered_metrics_arrive_in_ord
 ) -> None:
     caplog.set_level(logging.INFO)
     params = _params(tmp_path, data_root, epochs=4)
-    outage = Outage(client.mlflow, stop_after=1, start_after=2)
+    outage = Outage(client.mlflow, RunPaths.of(params.train, RUN).run_dir, stop_after=1, start_after=2)
 
     result = train_tracked(params, callbacks=[outage], log_model=False)
 
@@ -198,7 +208,8 @@ def test_mlflow_down_until_the_end_is_a_clear_error_and_a_rerun_completes_the_ru
     url = client.settings.mlflow_url
 
     with pytest.raises(tracking.TrackingError) as info:
-        train_tracked(params, callbacks=[Outage(client.mlflow, stop_after=1)], log_model=False)
+        outage = Outage(client.mlflow, RunPaths.of(params.train, RUN).run_dir, stop_after=1)
+        train_tracked(params, callbacks=[outage], log_model=False)
 
     message = str(info.value)
     assert "finished locally" in message and url in message
@@ -258,7 +269,8 @@ def test_s3_down_mid_run_upload_is_retried_and_succeeds_when_s3_returns(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")  # as below: our retries are under test
     logger.addHandler(restart)
     try:
-        train_tracked(params, callbacks=[Outage(client.s3, stop_after=1)], log_model=True)
+        outage = Outage(client.s3, RunPaths.of(params.train, RUN).run_dir, stop_after=1)
+        train_tracked(params, callbacks=[outage], log_model=True)
     finally:
         logger.removeHandler(restart)
     assert restart.thread is not None
@@ -288,7 +300,8 @@ def test_s3_down_past_the_retry_budget_keeps_files_local_and_a_rerun_uploads_the
     paths = RunPaths.of(params.train, RUN)
 
     with pytest.raises(tracking.TrackingError) as info:
-        train_tracked(params, callbacks=[Outage(client.s3, stop_after=1)], log_model=False)
+        outage = Outage(client.s3, RunPaths.of(params.train, RUN).run_dir, stop_after=1)
+        train_tracked(params, callbacks=[outage], log_model=False)
 
     message = str(info.value)
     assert "failed after 2 attempts" in message and "safe on local disk" in message

@@ -90,8 +90,9 @@ def test_second_training_of_a_run_fails_at_once_naming_the_holder_and_a_killed_h
     first = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         history = out / "metrics" / "history" / f"{RUN}.json"
+        run_file = out / "models" / RUN / tracking.RUN_ID_FILE  # its MLflow run opens beside epoch 1
         deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and first.poll() is None and not history.exists():
+        while time.monotonic() < deadline and first.poll() is None and not (history.exists() and run_file.exists()):
             time.sleep(0.05)
         assert first.poll() is None, first.stderr.read().decode() if first.stderr else ""
         holder = json.loads(holder_file.read_text())

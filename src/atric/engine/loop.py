@@ -60,8 +60,10 @@ log = logging.getLogger("atric.train")
 
 
 class Callback(Protocol):
-    """Both methods are optional; an exception raised in them stops training and propagates
+    """Every method is optional; an exception raised in them stops training and propagates
     (e.g. ``optuna.TrialPruned``); the checkpoints of finished epochs are already saved."""
+
+    def on_train_begin(self) -> None: ...  # data loaded, model built: the first epoch starts next
 
     def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
@@ -375,6 +377,7 @@ def _fit(
         max_frames=dict(train_data.max_frames),
         truncation=dict(base["truncation"]),
     )
+    _notify(callbacks, "on_train_begin")
     for epoch in range(start_epoch + 1, tp.epochs + 1):
         sampler.set_epoch(epoch)
         lr = float(optimizer.param_groups[0]["lr"])

@@ -126,20 +126,24 @@ def train_tracked(
     callbacks: Sequence[Any] = (),
     nested: bool = False,
     log_model: bool = True,
+    tags: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train one run inside an MLflow run; artifacts: checkpoints, metrics, the model.
+
+    ``tags``: more tags for the MLflow run (the tuner's study and trial), set when it opens.
 
     The run's lock (``atric.ops.runlock``) is held throughout: a second process for the same
     run fails at once. Everything that can be refused up front (unknown expert, unwritable
     output folders, bad data, a ``last.pt`` from other params) is refused before an MLflow run
-    exists; a run that started and then failed ends FAILED with the reason as a tag.
+    exists; a run that started and then failed ends FAILED with the reason as a tag. The MLflow
+    run is opened in the background while the first epoch trains (``tracking.OpeningRun``).
     """
     run_name = run_name or run_name_for(params.train)
     paths = RunPaths.of(params.train, run_name)
     with run_lock(params.train.models_dir, run_name, stage):
         _remove_stale_temps(paths)
         _preflight(params, paths, policy)
-        return _train_locked(params, run_name, paths, policy, stage, callbacks, nested, log_model)
+        return _train_locked(params, run_name, paths, policy, stage, callbacks, nested, log_model, tags or {})
 
 
 def _remove_stale_temps(paths: RunPaths) -> None:
@@ -191,6 +195,7 @@ def _train_locked(
     callbacks: Sequence[Any],
     nested: bool,
     log_model: bool,
+    tags: dict[str, str],
 ) -> TrainResult:
     resume, restart = policy == "resume", policy == "restart"
     if policy == "pipeline":
@@ -205,11 +210,10 @@ def _train_locked(
         run_name,
         paths.run_dir,
         params=tracked_params(params),
-        tags=run_tags(params, run_name, device, stage),
+        tags={**run_tags(params, run_name, device, stage), **tags},
         nested=nested,
-    ) as active:
-        run_id = active.info.run_id
-        metrics_logger = tracking.EpochMetricsLogger(run_id)
+    ) as opening:
+        metrics_logger = tracking.EpochMetricsLogger(opening)
         try:
             result = train(
                 params,
@@ -224,36 +228,43 @@ def _train_locked(
                 with contextlib.suppress(Exception):  # never mask why training stopped
                     metrics_logger.flush()
             raise
-        _log_run_metrics(run_id, result, metrics_logger)
+        run_id = _log_run_metrics(opening, result, metrics_logger)
         _log_artifacts(result.paths, run_id, log_model=log_model)
     (paths.run_dir / tracking.TRACKING_PENDING_FILE).unlink(missing_ok=True)
     return result
 
 
-def _log_run_metrics(run_id: str, result: TrainResult, metrics_logger: tracking.EpochMetricsLogger) -> None:
-    """The per-epoch history (buffered, or missing after an earlier outage) and the best epoch.
+def _log_run_metrics(
+    opening: tracking.OpeningRun, result: TrainResult, metrics_logger: tracking.EpochMetricsLogger
+) -> str:
+    """Make the run this thread's, then log the per-epoch history (buffered, or missing after an
+    earlier outage) and the best epoch; returns the run id.
 
-    MLflow still down here: the run is complete on disk; a TrackingError says how to finish it.
+    MLflow down here, or since the epochs began (the run could not even be opened): the run is
+    complete on disk and marked as awaiting its logging; a TrackingError says how to finish it.
     """
     try:
+        run_id = opening.activate()
         if not metrics_logger.flush():
             raise metrics_logger.last_error or RuntimeError("metrics not logged")
         filled = tracking.backfill_history(run_id, result.history, metrics_logger.logged_steps)
         if filled:
             log.info("%s: %d earlier epochs logged to MLflow run %s", result.run_name, filled, run_id)
-        tracking.log_metrics(result.best_metrics, prefix="best_val_")
-        tracking.log_metrics({"best_epoch": result.best_epoch})
+        best = {f"best_val_{k}": v for k, v in result.best_metrics.items()}
+        tracking.log_metrics_to_run(run_id, {**best, "best_epoch": result.best_epoch})
+        return run_id
     except Exception as exc:
-        if not tracking.is_transient(exc):
+        cause = exc.__cause__ if isinstance(exc, tracking.TrackingError) else exc  # opening failed
+        if cause is None or not tracking.is_transient(cause):
             raise
         run_dir = result.paths.run_dir
-        tracking.mark_pending(run_dir, run_id, f"metrics: {tracking.describe(exc)}")
+        tracking.mark_pending(run_dir, opening.run_id, f"metrics: {tracking.describe(cause)}")
         unsent = metrics_logger.pending_steps
         epochs = f" (epochs {', '.join(map(str, unsent))} not sent)" if unsent else ""
         raise tracking.TrackingError(
             f"{result.run_name}: the run finished locally (checkpoints in {run_dir}, metrics in "
             f"{result.paths.metrics} and {result.paths.history}), but its metrics could not be logged "
-            f"to MLflow at {tracking.display_uri()}{epochs}: {tracking.describe(exc)}. Run the same "
+            f"to MLflow at {tracking.display_uri()}{epochs}: {tracking.describe(cause)}. Run the same "
             "command again once MLflow is back: it logs them (training is not repeated)"
         ) from exc
 

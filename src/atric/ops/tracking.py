@@ -12,8 +12,9 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ FAILURE_TAG = "atric.failure"  # why a run ended FAILED/KILLED: one line, secret
 # Beside the checkpoints while a run finished training but not its MLflow logging: the
 # pipeline policy then keeps the finished last.pt so that a rerun only completes the logging.
 TRACKING_PENDING_FILE = "mlflow_pending.json"
-MAX_BATCH_METRICS = 1000  # MLflow's limit per log_batch request
+MAX_BATCH_METRICS = 1000  # MLflow's limits per log_batch request
+MAX_BATCH_PARAMS = 100
 # MlflowException codes of a server that is down, restarting or overloaded (a connection
 # failure is raised as INTERNAL_ERROR): worth buffering or retrying; any other code is final.
 TRANSIENT_ERROR_CODES = frozenset({"INTERNAL_ERROR", "TEMPORARILY_UNAVAILABLE", "REQUEST_LIMIT_EXCEEDED"})
@@ -136,7 +138,8 @@ def _git_commit_in(folder: str) -> str:
         return "unknown"
 
 
-def _previous_run_id(run_dir: Path) -> str | None:
+def recorded_run_id(run_dir: Path) -> str | None:
+    """The MLflow run id ``run_dir`` records (once its run is open), else None."""
     path = run_dir / RUN_ID_FILE
     if not path.exists():
         return None
@@ -160,6 +163,79 @@ def _terminate_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+class OpeningRun:
+    """An MLflow run that a background thread opens while the first epoch trains.
+
+    Importing MLflow and opening its store take ~4 s of Python on 2 cores, as long as the
+    rest of a train stage's start-up; training need not wait for them (issue #17). The
+    thread starts when the epochs begin (:meth:`start`, from the engine's ``on_train_begin``):
+    earlier, it would compete for the GIL with loading the data, which is Python work too,
+    while an epoch spends most of its time in torch kernels that release it. The thread only
+    talks to MLflow through the client (no fluent state); the training thread makes the run
+    its active one with :meth:`activate` when it logs artifacts and the model.
+    """
+
+    def __init__(self, open_run: Callable[[], str], *, nested: bool) -> None:
+        self.nested = nested
+        self.active = False
+        self._run_id: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._open, args=(open_run,), name="atric-mlflow-open", daemon=True
+        )
+
+    @property
+    def started(self) -> bool:
+        return self._thread.ident is not None
+
+    def start(self) -> None:
+        """Begin opening the run (once)."""
+        if not self.started:
+            self._thread.start()
+
+    def _open(self, open_run: Callable[[], str]) -> None:
+        try:
+            self._run_id = open_run()
+        except BaseException as exc:  # noqa: BLE001 -- handed to the training thread by wait()/poll()
+            self._error = exc
+
+    def poll(self) -> str | None:
+        """The run id once open, None while it is being opened; raises why opening failed."""
+        if not self.started or self._thread.is_alive():
+            return None
+        return self.wait()
+
+    def wait(self) -> str:
+        """Block until the run is open; returns its id or raises why opening failed."""
+        self.start()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._run_id is not None
+        return self._run_id
+
+    @property
+    def run_id(self) -> str | None:
+        """The run's id once opened (None while opening, or when opening failed)."""
+        return self._run_id
+
+    def settle(self) -> str | None:
+        """Wait for the opener (starting it if need be); the run id, or None when none was opened."""
+        self.start()
+        self._thread.join()
+        return self._run_id
+
+    def activate(self) -> str:
+        """Make the run the active fluent run of the calling thread (for log_artifact, log_model)."""
+        import mlflow
+
+        run_id = self.wait()
+        if not self.active:
+            mlflow.start_run(run_id=run_id, nested=self.nested)
+            self.active = True
+        return run_id
+
+
 @contextmanager
 def tracked_run(
     experiment: str,
@@ -170,48 +246,33 @@ def tracked_run(
     tags: Mapping[str, str],
     resume: bool = True,
     nested: bool = False,
-) -> Iterator[Any]:
+) -> Iterator[OpeningRun]:
     """Start (or re-open, when ``run_dir`` names an unfinished run) an MLflow run.
 
-    The run ends FINISHED on success, KILLED on interrupt/SIGTERM, FAILED on an error.
-    A SIGKILLed run stays RUNNING until the same command runs again, which re-opens it.
+    The run is opened in a background thread once the body calls ``start`` (or needs the
+    run: ``wait``/``activate``; a body that fails first still gets its run, ended FAILED); the
+    body learns of an unreachable MLflow from ``poll``/``wait``/``activate``. Nested: the
+    calling thread's active run is the parent. The run ends FINISHED on success, KILLED on
+    interrupt/SIGTERM, FAILED on an error. A SIGKILLed run stays RUNNING until the same
+    command runs again, which re-opens it.
     """
-    import mlflow
-    from mlflow.exceptions import MlflowException
+    parent_id = None
+    if nested:
+        import mlflow
 
-    configure()
-    exp_id = experiment_id(experiment)
-    run_id = _previous_run_id(run_dir) if resume else None
-    if run_id is not None:
-        try:
-            if mlflow.get_run(run_id).info.status == "FINISHED":
-                run_id = None  # a finished run is history; a new training run gets a new MLflow run
-        except MlflowException:
-            run_id = None
+        parent = mlflow.active_run()
+        parent_id = parent.info.run_id if parent is not None else None
     all_tags = {k: redact(v) for k, v in {RUN_NAME_TAG: run_name, "git_commit": git_commit(), **tags}.items()}
-    try:
-        active = mlflow.start_run(
-            run_id=run_id,
-            experiment_id=None if run_id else exp_id,
-            run_name=None if run_id else run_name,
-            tags=all_tags,
-            nested=nested,
-        )
-    except MlflowException as exc:
-        raise TrackingError(
-            f"MLflow at {display_uri()}: cannot start run {run_name!r}: {exc.message}"
-        ) from exc
+    start_ms = int(time.time() * 1000)
+    opener = functools.partial(
+        _open_run, experiment, run_name, run_dir, params, all_tags, resume, parent_id, start_ms
+    )
+    opening = OpeningRun(opener, nested=nested)
     status, failed, reason = "FAILED", False, ""
     try:
         with _terminate_as_interrupt():
-            # Inside the try: a run-id file that cannot be written ends the run FAILED, not RUNNING.
-            run_dir.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(run_dir / RUN_ID_FILE, json.dumps({"run_id": active.info.run_id}) + "\n")
-            if run_id is None:
-                mlflow.log_params({k: _param_value(v) for k, v in params.items()})
-            else:
-                mlflow.set_tag("resumed", "true")
-            yield active
+            yield opening
+            opening.wait()  # a body that never logged still needs its run
         status = "FINISHED"
     except KeyboardInterrupt as exc:
         status, failed, reason = "KILLED", True, f"interrupted ({exc or 'Ctrl-C'})"
@@ -220,9 +281,69 @@ def tracked_run(
         failed, reason = True, f"{type(exc).__name__}: {exc}"
         raise
     finally:
-        if failed:
-            _tag_failure(active.info.run_id, reason)
-        _end_run(active.info.run_id, run_name, run_dir, status, failed)
+        run_id = opening.settle()
+        if run_id is not None:
+            if failed:
+                _tag_failure(run_id, reason)
+            _end_run(run_id, run_name, run_dir, status, failed, active=opening.active)
+
+
+def _open_run(
+    experiment: str,
+    run_name: str,
+    run_dir: Path,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+    resume: bool,
+    parent_id: str | None,
+    start_ms: int,
+) -> str:
+    """Create (or re-open) the run through the client, record its id beside the checkpoints."""
+    from mlflow import MlflowClient
+    from mlflow.entities import Param, RunTag
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking.context.registry import resolve_tags
+
+    configure()
+    exp_id = experiment_id(experiment)
+    client = MlflowClient()
+    run_id = recorded_run_id(run_dir) if resume else None
+    if run_id is not None:
+        try:
+            if client.get_run(run_id).info.status == "FINISHED":
+                run_id = None  # a finished run is history; a new training run gets a new MLflow run
+        except MlflowException:
+            run_id = None
+    try:
+        if run_id is None:
+            # The tags mlflow.start_run would add (user, source, git), as it resolves them.
+            own = {**tags, "mlflow.runName": run_name}
+            if parent_id:
+                own["mlflow.parentRunId"] = parent_id
+            run_id = client.create_run(
+                exp_id, start_time=start_ms, tags=resolve_tags(own), run_name=run_name
+            ).info.run_id
+            new = True
+        else:
+            client.update_run(run_id, status="RUNNING")
+            client.log_batch(run_id, tags=[RunTag(k, v) for k, v in {**tags, "resumed": "true"}.items()])
+            new = False
+    except MlflowException as exc:
+        raise TrackingError(
+            f"MLflow at {display_uri()}: cannot start run {run_name!r}: {exc.message}"
+        ) from exc
+    try:
+        if new:
+            logged = [Param(k, _param_value(v)) for k, v in params.items()]
+            for begin in range(0, len(logged), MAX_BATCH_PARAMS):
+                client.log_batch(run_id, params=logged[begin : begin + MAX_BATCH_PARAMS])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(run_dir / RUN_ID_FILE, json.dumps({"run_id": run_id}) + "\n")
+    except BaseException as exc:  # a run-id file that cannot be written ends the run FAILED, not RUNNING
+        _tag_failure(run_id, f"{type(exc).__name__}: {exc}")
+        _end_run(run_id, run_name, run_dir, "FAILED", True, active=False)
+        raise
+    return run_id
 
 
 def _tag_failure(run_id: str, reason: str) -> None:
@@ -236,8 +357,8 @@ def _tag_failure(run_id: str, reason: str) -> None:
         log.warning("cannot tag MLflow run %s with its failure reason: %s", run_id, describe(exc))
 
 
-def _end_run(run_id: str, run_name: str, run_dir: Path, status: str, failed: bool) -> None:
-    """End the active run; the server may be down now too.
+def _end_run(run_id: str, run_name: str, run_dir: Path, status: str, failed: bool, *, active: bool) -> None:
+    """End the run (``active``: the calling thread's active fluent run); the server may be down now too.
 
     After an error, a failing end_run only warns: the error that ended the run is the one
     to report (the run stays RUNNING and a rerun re-opens it). After success it raises a
@@ -246,7 +367,10 @@ def _end_run(run_id: str, run_name: str, run_dir: Path, status: str, failed: boo
     import mlflow
 
     try:
-        mlflow.end_run(status=status)  # pops the active run before the request: never left active
+        if active:
+            mlflow.end_run(status=status)  # pops the active run before the request: never left active
+        else:
+            mlflow.MlflowClient().set_terminated(run_id, status)
     except Exception as exc:
         if not is_transient(exc) and not failed:
             raise
@@ -275,28 +399,36 @@ class EpochMetricsLogger:
     Training must not stop because the tracking server does: a failed request keeps the
     epoch's metrics (with their step and time) in a buffer, warns once per outage, and the
     buffer is sent, in order, with the next epoch's metrics or by :meth:`flush` at the end.
+    Epochs that end while the run is still being opened wait in the same buffer; a run that
+    could not be opened stops training at the next epoch's end (its error is raised).
     """
 
-    def __init__(self, run_id: str | None = None) -> None:
-        self.run_id = run_id
+    def __init__(self, run: OpeningRun) -> None:
+        self.run = run
         self.pending: list[Any] = []  # mlflow.entities.Metric, in the order they were produced
         self.logged_steps: set[int] = set()  # epochs sent by this logger
         self.last_error: BaseException | None = None
         self._outage = False
+
+    def on_train_begin(self) -> None:
+        self.run.start()
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         self.pending.extend(Metric(_metric_name(k), float(v), now, epoch) for k, v in metrics.items())
-        self.flush()
+        if self.run.poll() is not None:
+            self.flush()
 
     def flush(self) -> bool:
-        """Send what is buffered; True when nothing is left. Unreachable MLflow: False, no raise."""
-        import mlflow
+        """Send what is buffered (once the run is open); True when nothing is left.
+
+        Unreachable MLflow: False, no raise.
+        """
         from mlflow import MlflowClient
 
-        run_id = self.run_id or mlflow.active_run().info.run_id
+        run_id = self.run.wait()
         client = MlflowClient()
         while self.pending:
             batch = self.pending[:MAX_BATCH_METRICS]
@@ -358,12 +490,6 @@ def _metric_name(name: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "_-./ " else "_" for ch in name)
 
 
-def log_metrics(metrics: Mapping[str, float], prefix: str = "", step: int | None = None) -> None:
-    import mlflow
-
-    mlflow.log_metrics({_metric_name(prefix + k): float(v) for k, v in metrics.items()}, step=step)
-
-
 def register_with_alias(run_id: str, model_name: str, artifact_path: str = "model") -> str:
     """Register the run's logged model and point the ``champion`` alias at the new version.
 
@@ -387,14 +513,12 @@ def register_with_alias(run_id: str, model_name: str, artifact_path: str = "mode
 
 
 def log_metrics_to_run(run_id: str, metrics: Mapping[str, float]) -> None:
-    """Log into a run that may have ended (e.g. test metrics after training)."""
-    import time as _time
-
+    """Log into a run that may have ended (e.g. test metrics after training), at step 0."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     configure()
-    now = int(_time.time() * 1000)
+    now = int(time.time() * 1000)
     MlflowClient().log_batch(
         run_id, metrics=[Metric(_metric_name(k), float(v), now, 0) for k, v in metrics.items()]
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -45,7 +44,7 @@ class _TrialFailed(Exception):
 # --------------------------------------------------------------------------- MLflow
 
 
-def mark_mlflow_run(run_id: str | None, state: str, status: str | None = None, tags: Mapping[str, str] = {}) -> None:
+def mark_mlflow_run(run_id: str | None, state: str, status: str | None = None) -> None:
     """Tag a trial's MLflow run with its Optuna state; pruned runs end KILLED, failed FAILED."""
     if not run_id:
         return
@@ -55,8 +54,7 @@ def mark_mlflow_run(run_id: str | None, state: str, status: str | None = None, t
     try:
         tracking.configure()
         client = MlflowClient()
-        for key, value in {**tags, TAG_STATE: state}.items():
-            client.set_tag(run_id, key, value)
+        client.set_tag(run_id, TAG_STATE, state)
         # tracked_run already ended it FINISHED (complete) or FAILED (any exception).
         if status or state == "PRUNED":
             client.set_terminated(run_id, status=status or MLFLOW_STATUS[state])
@@ -73,6 +71,30 @@ class StaleTrialCallback:
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         log.warning("trial %d: its worker stopped sending heartbeats; marked FAIL, retrying", trial.number)
         self.retry(study, trial)
-        mark_mlflow_run(trial.user_attrs.get("mlflow_run_id"), "FAIL", status="FAILED")
+        mark_mlflow_run(trial_mlflow_run_id(study.study_name, trial.number), "FAIL", status="FAILED")
+
+
+def trial_run_tags(study_name: str, number: int) -> dict[str, str]:
+    """The MLflow tags of a trial's run (set when it opens; they find it from any worker)."""
+    return {TAG_STUDY: study_name, TAG_TRIAL: str(number), TAG_ROLE: "trial"}
+
+
+def trial_mlflow_run_id(study_name: str, number: int) -> str | None:
+    """The MLflow run of a trial, found by the tags it gets when it opens (from any worker)."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        tracking.configure()
+        client = MlflowClient()
+        experiments = [e.experiment_id for e in client.search_experiments()]
+        query = " and ".join(
+            f"tags.`{key}` = '{value}'" for key, value in trial_run_tags(study_name, number).items()
+        )
+        found = client.search_runs(experiments, filter_string=query, max_results=1)
+    except MlflowException as exc:  # tracking trouble must not stop the retry
+        log.warning("trial %d: cannot look up its MLflow run: %s", number, exc.message)
+        return None
+    return found[0].info.run_id if found else None
 
 

@@ -33,7 +33,6 @@ from atric.ops.tuning.common import (
     OBJECTIVE,
     TAG_ROLE,
     TAG_STUDY,
-    TAG_TRIAL,
     TuneError,
 )
 from atric.ops.tuning.storage import (
@@ -198,17 +197,10 @@ def trial_run_name(params: Params, number: int) -> str:
 class _Reporter:
     """Engine callback: report each epoch's objective; prune when the pruner says so."""
 
-    def __init__(self, trial: optuna.Trial, study_name: str) -> None:
-        self.trial, self.study_name, self.run_id = trial, study_name, None
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
 
     def on_epoch_end(self, epoch: int, row: Mapping[str, float]) -> None:
-        import mlflow
-
-        if self.run_id is None and mlflow.active_run() is not None:
-            # In the study, so that a worker retrying this trial can mark its run.
-            self.run_id = mlflow.active_run().info.run_id
-            self.trial.set_user_attr("mlflow_run_id", self.run_id)
-            mlflow.set_tags({TAG_STUDY: self.study_name, TAG_TRIAL: str(self.trial.number), TAG_ROLE: "trial"})
         self.trial.report(float(row[OBJECTIVE]), epoch)
         if self.trial.should_prune():
             raise optuna.TrialPruned(f"epoch {epoch}: {OBJECTIVE} {row[OBJECTIVE]:.3f}")

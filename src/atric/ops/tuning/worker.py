@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import socket
@@ -25,13 +24,11 @@ from atric.ops.tuning.common import (
     ATTR_WORKERS,
     LIVE_STATES,
     OBJECTIVE,
-    TAG_ROLE,
-    TAG_STUDY,
-    TAG_TRIAL,
     WAIT_POLL_SECONDS,
     TuneError,
     _TrialFailed,
     mark_mlflow_run,
+    trial_run_tags,
 )
 from atric.ops.tuning.storage import redact, storage_lock, storage_url
 from atric.ops.tuning.study import (
@@ -110,7 +107,8 @@ class _Worker:
         run_name = trial_run_name(self.params, trial.number)
         trial.set_user_attr("run_name", run_name)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        reporter = _Reporter(trial, self.study.study_name)
+        run_dir = Path(self.params.tune.dir, self.study.study_name, "models", run_name)  # trial_params' models_dir
+        reporter = _Reporter(trial)
         state, status, started = "FAIL", None, time.perf_counter()
         try:
             run_params = trial_params(self.params, suggest(trial, self.tune))
@@ -120,7 +118,8 @@ class _Worker:
                 if resumed is not None:
                     trial.set_user_attr("resumed_trial", resumed)
                 result = train_tracked(run_params, run_name=run_name, policy="auto", stage="tune",
-                                       callbacks=[reporter], nested=True, log_model=False)  # fmt: skip
+                                       callbacks=[reporter], nested=True, log_model=False,
+                                       tags=trial_run_tags(self.study.study_name, trial.number))  # fmt: skip
             state = "COMPLETE"
             RunPaths.of(run_params.train, run_name).last.unlink(missing_ok=True)  # best.pt is kept
             return float(result.best_score)
@@ -142,13 +141,7 @@ class _Worker:
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-            run_id, tags = reporter.run_id, {}
-            if run_id is None:  # stopped before its first epoch ended: the run is in its folder
-                with contextlib.suppress(OSError, ValueError, KeyError):
-                    run_dir = Path(self.params.tune.dir, self.study.study_name, "models", run_name)
-                    run_id = json.loads((run_dir / tracking.RUN_ID_FILE).read_text())["run_id"]
-                    tags = {TAG_STUDY: self.study.study_name, TAG_TRIAL: str(trial.number), TAG_ROLE: "trial"}
-            mark_mlflow_run(run_id, state, status, tags)
+            mark_mlflow_run(tracking.recorded_run_id(run_dir), state, status)  # none if never opened
 
     def requeue_interrupted(self) -> None:
         """A preempted worker (docker stop, Ctrl-C) hands its trial back to the fleet."""
