@@ -117,6 +117,61 @@ def test_streaming_works_in_dataloader_workers(layout: Layout) -> None:
     assert torch.equal(batches[0].audio["fa"][0], first.audio["fa"][0])
 
 
+def _h5py_frames(path: Path, clip_id: str, max_frames: int) -> np.ndarray:
+    with h5py.File(path, "r") as h5:
+        return np.asarray(h5[clip_id][:max_frames])
+
+
+@pytest.mark.parametrize("max_frames", [5, 100])
+def test_direct_reads_are_h5pys_values_bit_for_bit(layout: Layout, max_frames: int) -> None:
+    data = _open(layout, cache_in_ram="no", max_frames={"fa": max_frames, "fb": max_frames})
+    for name in ("fa", "fb"):
+        expert = data.experts[name]
+        assert expert.offsets is not None and (expert.offsets >= 0).all()  # atric's files: all direct
+        for clip, clip_id in enumerate(expert.clip_ids):
+            direct = expert.frames(clip)
+            expected = _h5py_frames(expert.path, clip_id, max_frames)
+            assert direct.dtype == np.float32 and direct.shape == expected.shape
+            assert direct.tobytes() == expected.tobytes()
+    data.close()
+
+
+def test_datasets_hdf5_must_decode_are_read_by_h5py(tmp_path: Path) -> None:
+    other = fakes.write_fake_layout(tmp_path, clips={"train": 4, "val": 2, "test": 2})
+    path = other.features_path("fa", "train")
+    with h5py.File(path, "a") as h5:
+        chunked = np.asarray(h5["train_001"])
+        del h5["train_001"]
+        h5.create_dataset("train_001", data=chunked, chunks=(1, 8), compression="gzip")
+        wide = np.asarray(h5["train_002"]).astype(np.float64)
+        del h5["train_002"]
+        h5.create_dataset("train_002", data=wide)
+    data = _open(other, cache_in_ram="no")
+    expert = data.experts["fa"]
+    assert list(expert.offsets >= 0) == [True, False, False, True]
+    np.testing.assert_array_equal(expert.frames(1), chunked)
+    assert expert.frames(2).dtype == np.float32
+    np.testing.assert_array_equal(expert.frames(2), wide.astype(np.float32))
+    data.close()
+
+
+def test_direct_reads_check_values_and_refuse_a_replaced_file(tmp_path: Path) -> None:
+    other = fakes.write_fake_layout(tmp_path, clips={"train": 4, "val": 2, "test": 2})
+    path = other.features_path("fa", "train")
+    with h5py.File(path, "r+") as h5:
+        h5["train_003"][0, 0] = np.nan
+    data = _open(other, cache_in_ram="no")
+    with pytest.raises(DataError, match=r"fa\.h5:train_003: features contain NaN"):
+        data.experts["fa"].frames(3)
+    data.close()
+
+    data = _open(other, cache_in_ram="no")
+    fakes.write_fake_layout(tmp_path, clips={"train": 4, "val": 2, "test": 2}, seed=1)  # a new extraction
+    with pytest.raises(DataError, match=r"fa\.h5: the file changed while its split was open"):
+        data.experts["fa"].frames(0)
+    data.close()
+
+
 def test_wrong_feature_dim_names_file_and_clip(tmp_path: Path) -> None:
     bad = fakes.write_fake_layout(tmp_path, clips={"train": 4})
     path = bad.features_path("fa", "train")

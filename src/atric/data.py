@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Sampler
 
 from atric.errors import DataError
-from atric.layout import Clip, FeatureFile, Layout, read_index, read_text_embeddings
+from atric.layout import Clip, FeatureFile, Layout, check_feature_array, read_index, read_text_embeddings
 
 # The original's padded lengths per dataset and expert (ORIGINAL_SPEC.md), in frames of the
 # ORIGINAL's own feature files. They apply only to files that do not record their frame rate
@@ -72,32 +72,62 @@ CacheMode = Literal["auto", "yes", "no"]
 
 
 # ---------------------------------------------------------------- feature sources
+def _file_identity(stat: os.stat_result) -> tuple[int, int, int, int]:
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 class _LazyFeatures:
-    """A FeatureFile opened on first use in each process.
+    """A FeatureFile, and a plain descriptor for direct reads, opened on first use in each process.
 
     h5py handles must not be shared across fork(): a handle inherited by a DataLoader
-    worker is replaced by a fresh one (keyed by the process id).
+    worker is replaced by a fresh one (keyed by the process id). Direct reads go to byte
+    offsets found when the split was opened, so the descriptor must be the same file:
+    ``identity`` (device, inode, size, mtime) is checked when it opens.
     """
 
-    def __init__(self, path: Path, dim: int) -> None:
+    def __init__(self, path: Path, dim: int, identity: tuple[int, int, int, int]) -> None:
         self.path = path
         self.dim = dim
+        self.identity = identity
         self._file: FeatureFile | None = None
+        self._fd: int | None = None
         self._pid = -1
 
+    def _own(self) -> None:
+        if self._pid != os.getpid():  # fresh in this process: never close the parent's handles
+            self._file, self._fd, self._pid = None, None, os.getpid()
+
     def get(self) -> FeatureFile:
-        if self._file is None or self._pid != os.getpid():
+        self._own()
+        if self._file is None:
             self._file = FeatureFile(self.path, self.dim)
-            self._pid = os.getpid()
         return self._file
 
+    def read_into(self, offset: int, out: np.ndarray, clip_id: str) -> None:
+        """Fill ``out`` with the bytes at ``offset`` (a clip's float32 values)."""
+        self._own()
+        if self._fd is None:
+            fd = os.open(self.path, os.O_RDONLY)
+            if _file_identity(os.fstat(fd)) != self.identity:
+                os.close(fd)
+                raise DataError(
+                    f"{self.path}: the file changed while its split was open; run the stage again"
+                )
+            self._fd = fd
+        if os.preadv(self._fd, [out], offset) != out.nbytes:
+            raise DataError(f"{self.path}: clip {clip_id!r} ends past the end of the file (truncated?)")
+
     def close(self) -> None:
-        if self._file is not None and self._pid == os.getpid():
-            self._file.close()
-        self._file = None
+        if self._pid == os.getpid():
+            if self._file is not None:
+                self._file.close()
+            if self._fd is not None:
+                os.close(self._fd)
+        self._file, self._fd = None, None
 
     def __getstate__(self) -> dict[str, object]:
-        return {"path": self.path, "dim": self.dim, "_file": None, "_pid": -1}
+        state = {"path": self.path, "dim": self.dim, "identity": self.identity}
+        return {**state, "_file": None, "_fd": None, "_pid": -1}
 
 
 @dataclass
@@ -111,6 +141,8 @@ class ExpertFeatures:
     max_frames: int
     clip_ids: tuple[str, ...]
     cache: np.ndarray | None = None  # [N, max_frames, dim] zero-padded, when cached
+    # [N] byte offset of each clip's float32 values in the file, -1 where HDF5 must decode them
+    offsets: np.ndarray | None = None
     _source: _LazyFeatures | None = None
 
     def frames(self, clip: int) -> np.ndarray:
@@ -118,8 +150,15 @@ class ExpertFeatures:
         if self.cache is not None:
             return self.cache[clip, : min(int(self.lengths[clip]), self.max_frames)]
         assert self._source is not None
+        clip_id = self.clip_ids[clip]
+        if self.offsets is not None and self.offsets[clip] >= 0:
+            # One pread of the frames used: ~10x less CPU per clip than h5py's read (issue #17),
+            # and the same values bit for bit. Checked as FeatureFile checks what it reads.
+            out = np.empty((min(int(self.lengths[clip]), self.max_frames), self.dim), dtype=np.float32)
+            self._source.read_into(int(self.offsets[clip]), out, clip_id)
+            return check_feature_array(out, f"{self.path}:{clip_id}", self.dim)
         # FeatureFile checks rank, dim and finiteness and names the file and clip on error.
-        return self._source.get()[self.clip_ids[clip]][: self.max_frames]
+        return self._source.get()[clip_id][: self.max_frames]
 
     def cached_rows(self, clips: np.ndarray | slice) -> tuple[Tensor, Tensor]:
         """Cached clips as a batch: their zero-padded rows and masks, the tensors ``pad_frames`` makes."""
@@ -139,13 +178,22 @@ class ExpertFeatures:
             self._source.close()
 
 
-def scan_features(path: Path, clip_ids: Sequence[str]) -> tuple[int, np.ndarray]:
-    """Check that every clip has a [T, D] dataset of one dim; return (dim, lengths [N]).
+@dataclass(frozen=True)
+class FeatureScan:
+    dim: int
+    lengths: np.ndarray  # [N] frames per clip
+    offsets: np.ndarray  # [N] byte offset of each clip's values, -1 where HDF5 must read them
+    identity: tuple[int, int, int, int]  # the scanned file: device, inode, size, mtime (ns)
+
+
+def scan_features(path: Path, clip_ids: Sequence[str]) -> FeatureScan:
+    """Check that every clip has a [T, D] dataset of one dim; return its dim, lengths, offsets.
 
     The dim is the file's ``dim`` attribute when present, else the first clip's. Only
-    metadata is read (shapes), so this is cheap even for tens of GB of features.
+    metadata is read (shapes, storage offsets), so this is cheap even for tens of GB of features.
     """
     with FeatureFile(path) as features:
+        identity = _file_identity(os.stat(path))
         present = set(features.keys())
         missing = [c for c in clip_ids if c not in present]
         if missing:
@@ -157,8 +205,9 @@ def scan_features(path: Path, clip_ids: Sequence[str]) -> tuple[int, np.ndarray]
         attr_dim = features.attrs.get("dim")
         dim = int(attr_dim) if attr_dim is not None else None
         lengths = np.empty(len(clip_ids), dtype=np.int64)
+        offsets = np.full(len(clip_ids), -1, dtype=np.int64)
         for i, clip_id in enumerate(clip_ids):
-            shape = features.shape(clip_id)
+            shape, offset = features.stored(clip_id)
             if len(shape) != 2 or shape[0] < 1:
                 raise DataError(f"{path}: clip {clip_id!r} has shape {shape}, expected [T >= 1, D]")
             if dim is None:
@@ -169,8 +218,10 @@ def scan_features(path: Path, clip_ids: Sequence[str]) -> tuple[int, np.ndarray]
                     f"(the file's dim, as of clip {clip_ids[0]!r} or its 'dim' attribute)"
                 )
             lengths[i] = shape[0]
+            if offset is not None:
+                offsets[i] = offset
     assert dim is not None  # clip_ids is non-empty (checked by the caller)
-    return dim, lengths
+    return FeatureScan(dim, lengths, offsets, identity)
 
 
 def feature_hop_seconds(path: Path) -> float | None:
@@ -304,17 +355,17 @@ def open_split(
 
     scans = {expert: scan_features(layout.features_path(expert, split), clip_ids) for expert in experts}
     hops = {expert: feature_hop_seconds(layout.features_path(expert, split)) for expert in experts}
-    for expert, (dim, _) in scans.items():
-        if expert_dims is not None and expert in expert_dims and dim != expert_dims[expert]:
+    for expert, scan in scans.items():
+        if expert_dims is not None and expert in expert_dims and scan.dim != expert_dims[expert]:
             raise DataError(
-                f"{layout.features_path(expert, split)}: feature dim is {dim} (clip {clip_ids[0]!r}), "
+                f"{layout.features_path(expert, split)}: feature dim is {scan.dim} (clip {clip_ids[0]!r}), "
                 f"but the model expects {expert_dims[expert]} for expert {expert!r}"
             )
     resolved = resolve_max_frames(
         layout.dataset,
         experts,
         dict(max_frames),
-        {e: lengths for e, (_, lengths) in scans.items()},
+        {e: scan.lengths for e, scan in scans.items()},
         max_seconds=max_seconds,
         hops=hops,
         check=split == "train",
@@ -323,13 +374,14 @@ def open_split(
         expert: ExpertFeatures(
             name=expert,
             path=layout.features_path(expert, split),
-            dim=dim,
-            lengths=lengths,
+            dim=scan.dim,
+            lengths=scan.lengths,
             max_frames=resolved[expert],
             clip_ids=clip_ids,
-            _source=_LazyFeatures(layout.features_path(expert, split), dim),
+            offsets=scan.offsets,
+            _source=_LazyFeatures(layout.features_path(expert, split), scan.dim, scan.identity),
         )
-        for expert, (dim, lengths) in scans.items()
+        for expert, scan in scans.items()
     }
 
     total = sum(e.cache_bytes for e in features.values())

@@ -24,7 +24,6 @@ from typing import Any
 
 import h5py
 import numpy as np
-import pandas as pd
 
 from atric.atomic import atomic_path, write_text_atomic
 from atric.errors import DataError
@@ -160,6 +159,8 @@ def write_index(path: str | Path, clips: Sequence[Clip], split: str | None = Non
         }
         write_text_atomic(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
     elif path.suffix == ".csv":
+        import pandas as pd  # here, not at the top: the training path reads no CSV (0.5 s import)
+
         rows = [(c.clip_id, cap) for c in clips for cap in c.captions]
         frame = pd.DataFrame(rows, columns=list(AUDIOCAPS_INDEX_COLUMNS))
         with atomic_path(path) as tmp:
@@ -204,6 +205,8 @@ def _read_index_json(path: Path) -> list[Clip]:
 
 
 def _read_index_csv(path: Path) -> list[Clip]:
+    import pandas as pd
+
     try:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
@@ -351,6 +354,16 @@ class FeatureFile:
 
     def shape(self, clip_id: str) -> tuple[int, ...]:
         return tuple(self._dataset(clip_id).shape)
+
+    def stored(self, clip_id: str) -> tuple[tuple[int, ...], int | None]:
+        """A clip's shape, and the byte offset of its values in the file when they can be read
+        without HDF5: one contiguous block of native float32 (as atric's extractors write
+        them; chunked, compressed, compact, external or other-typed datasets give None)."""
+        dataset = self._dataset(clip_id)
+        offset = None
+        if dataset.chunks is None and dataset.dtype == np.dtype(np.float32) and dataset.external is None:
+            offset = dataset.id.get_offset()  # None while no storage is allocated (compact layout too)
+        return tuple(dataset.shape), None if offset is None else int(offset)
 
     def _dataset(self, clip_id: str) -> h5py.Dataset:
         h5 = self._file()
