@@ -405,7 +405,9 @@ class EpochMetricsLogger:
 
     def __init__(self, run: OpeningRun) -> None:
         self.run = run
-        self.pending: list[Any] = []  # mlflow.entities.Metric, in the order they were produced
+        # (name, value, time in ms, epoch), in the order they were produced; plain tuples, so
+        # that an epoch ending while the opener thread still imports MLflow does not wait for it
+        self.pending: list[tuple[str, float, int, int]] = []
         self.logged_steps: set[int] = set()  # epochs sent by this logger
         self.last_error: BaseException | None = None
         self._outage = False
@@ -414,10 +416,8 @@ class EpochMetricsLogger:
         self.run.start()
 
     def on_epoch_end(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
-        self.pending.extend(Metric(_metric_name(k), float(v), now, epoch) for k, v in metrics.items())
+        self.pending.extend((_metric_name(k), float(v), now, epoch) for k, v in metrics.items())
         if self.run.poll() is not None:
             self.flush()
 
@@ -427,11 +427,12 @@ class EpochMetricsLogger:
         Unreachable MLflow: False, no raise.
         """
         from mlflow import MlflowClient
+        from mlflow.entities import Metric
 
         run_id = self.run.wait()
         client = MlflowClient()
         while self.pending:
-            batch = self.pending[:MAX_BATCH_METRICS]
+            batch = [Metric(*row) for row in self.pending[:MAX_BATCH_METRICS]]
             try:
                 client.log_batch(run_id, metrics=batch)
             except Exception as exc:
@@ -455,7 +456,7 @@ class EpochMetricsLogger:
 
     @property
     def pending_steps(self) -> list[int]:
-        return sorted({m.step for m in self.pending})
+        return sorted({row[3] for row in self.pending})
 
 
 def backfill_history(run_id: str, history: Sequence[Mapping[str, float]], skip_steps: set[int]) -> int:
