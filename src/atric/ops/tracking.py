@@ -207,12 +207,11 @@ class OpeningRun:
 
     def wait(self) -> str:
         """Block until the run is open; returns its id or raises why opening failed."""
-        self.start()
-        self._thread.join()
+        run_id = self.settle()
         if self._error is not None:
             raise self._error
-        assert self._run_id is not None
-        return self._run_id
+        assert run_id is not None
+        return run_id
 
     @property
     def run_id(self) -> str | None:
