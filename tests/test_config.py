@@ -139,9 +139,14 @@ def test_thread_count_follows_the_param_and_never_exceeds_the_available_cores(mo
     before = torch.get_num_threads()
     try:
         assert device.configure_threads(1) == 1 == torch.get_num_threads()
-        monkeypatch.setattr(device, "available_cpus", lambda: 1)
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        for cores, expected in ((1, 1), (2, 1), (8, 7)):  # one core left to the data pipeline
+            monkeypatch.setattr(device, "available_cpus", lambda cores=cores: cores)
+            assert device.configure_threads(None) == expected == torch.get_num_threads()
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        monkeypatch.setattr(device, "available_cpus", lambda: 2)
         torch.set_num_threads(3)
-        assert device.configure_threads(None) == 1 == torch.get_num_threads()  # capped by the cores
+        assert device.configure_threads(None) == 2 == torch.get_num_threads()  # a pin capped by the cores
         monkeypatch.setattr(device, "available_cpus", lambda: 8)
         torch.set_num_threads(2)
         assert device.configure_threads(None) == 2  # auto never raises an OMP_NUM_THREADS pin
