@@ -18,10 +18,10 @@ from atric.data import (
     DEFAULT_MAX_FRAMES,
     LENGTH_PERCENTILE,
     EpochSampler,
-    PairCollate,
-    PairDataset,
+    TrainBatches,
     open_split,
     pad_frames,
+    split_batch,
 )
 from atric.errors import DataError
 from atric.layout import Clip, Layout, write_index
@@ -47,27 +47,27 @@ def test_pad_frames_cuts_to_the_first_frames_and_pads_with_a_mask() -> None:
     assert mask.tolist() == [[True] * 4, [True, True, False, False]]
 
 
-def test_collate_groups_captions_of_the_same_clip_into_one_audio_column() -> None:
-    def frames(value: float, t: int) -> dict[str, np.ndarray]:
-        return {"fa": np.full((t, 3), value, np.float32), "fb": np.full((t, 2), -value, np.float32)}
-
-    samples = [
-        (7, frames(7, 5), np.ones((2, 4), np.float32)),
-        (3, frames(3, 1), np.ones((3, 4), np.float32)),
-        (7, frames(7, 5), np.ones((1, 4), np.float32)),  # clip 7's second caption
-        (9, frames(9, 2), np.ones((4, 4), np.float32)),
-    ]
-    batch = PairCollate({"fa": 4, "fb": 2})(samples)
+@pytest.mark.parametrize("cache", ["yes", "no"])
+def test_a_batch_holds_each_clip_once_padded_and_cut(layout: Layout, cache: str) -> None:
+    data = _open(layout, cache_in_ram=cache, max_frames={"fa": 4, "fb": 2})
+    captions = np.array([35, 15, 36, 45])  # 5 captions per clip: clips 7, 3, 7 again, 9
+    batch = split_batch(data, captions)
     assert batch.clip_index.tolist() == [7, 3, 9]
     assert batch.caption_clip.tolist() == [0, 1, 0, 2]
-    x, mask = batch.audio["fa"]
-    assert x.shape == (3, 4, 3)
-    assert mask.sum(dim=1).tolist() == [4, 1, 2]  # cut to 4, then real lengths
-    assert torch.all(x[0] == 7) and torch.all(x[1, 0] == 3) and torch.all(x[1, 1:] == 0)
-    assert batch.audio["fb"][0].shape == (3, 2, 2)  # each expert has its own length
-    assert batch.words.shape == (4, 4, 4)  # padded to the longest caption of the batch
-    assert batch.word_mask.sum(dim=1).tolist() == [2, 3, 1, 4]
-    assert torch.all(batch.words[2, 1:] == 0)
+    for name, frames in (("fa", 4), ("fb", 2)):
+        x, mask = batch.audio[name]
+        assert x.shape == (3, frames, data.expert_dims[name])  # each expert has its own length
+        for row, clip in enumerate((7, 3, 9)):
+            real = min(int(data.experts[name].lengths[clip]), frames)
+            assert mask[row].tolist() == [True] * real + [False] * (frames - real)
+            reference = _h5py_frames(data.experts[name].path, data.clips[clip].clip_id, frames)
+            assert x[row, :real].numpy().tobytes() == reference.tobytes()
+            assert torch.all(x[row, real:] == 0)
+    longest = max(data.words[c].shape[0] for c in captions)
+    assert batch.words.shape == (4, longest, data.text_dim)  # padded to the longest caption of the batch
+    assert batch.word_mask.sum(dim=1).tolist() == [data.words[c].shape[0] for c in captions]
+    assert torch.equal(batch.words[1, : data.words[15].shape[0]], torch.from_numpy(data.words[15]))
+    data.close()
 
 
 def test_open_split_checks_and_resolves_padded_lengths(layout: Layout) -> None:
@@ -77,8 +77,7 @@ def test_open_split_checks_and_resolves_padded_lengths(layout: Layout) -> None:
     assert data.max_frames["fa"] == 5  # from params
     expected = int(np.ceil(np.percentile(data.experts["fb"].lengths, LENGTH_PERCENTILE)))
     assert data.max_frames["fb"] == expected  # unknown dataset: 95th percentile of train lengths
-    item_clip, frames, words = PairDataset(data)[7]
-    assert item_clip == 1 and frames["fa"].shape[0] <= 5 and words.shape[1] == 6
+    assert data.experts["fa"].frames(1).shape[0] <= 5 and data.words[7].shape[1] == 6
 
 
 def test_known_datasets_use_the_papers_lengths(tmp_path: Path) -> None:
@@ -101,20 +100,36 @@ def test_cached_and_streamed_features_are_identical(layout: Layout) -> None:
     assert _open(layout).cached  # auto: tiny features are cached
 
 
+class _RowsInWorker(torch.utils.data.Dataset):
+    """Where a DataLoader worker builds a batch's audio rows: is the tensor in shared memory?"""
+
+    def __init__(self, data) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        x, _ = self.data.experts["fa"].rows(np.array([0, 1]))
+        return torch.tensor(x.is_shared())
+
+
 def test_streaming_works_in_dataloader_workers(layout: Layout) -> None:
+    from atric.engine import train_loader
+
     data = _open(layout, cache_in_ram="no")
     data.experts["fa"].frames(0)  # the parent holds an open handle before forking
-    loader = DataLoader(
-        PairDataset(data),
-        batch_size=8,
-        collate_fn=PairCollate(data.max_frames),
-        num_workers=2,
-        drop_last=True,
-    )
+    loader, sampler = train_loader(data, batch_size=8, seed=0, num_workers=2, device=torch.device("cpu"))
+    sampler.set_epoch(1)
     batches = list(loader)
     assert len(batches) == 60 // 8
-    first = PairCollate(data.max_frames)([PairDataset(data)[i] for i in range(8)])
+    first = split_batch(data, np.asarray(list(sampler)[:8]))
     assert torch.equal(batches[0].audio["fa"][0], first.audio["fa"][0])
+    assert torch.equal(batches[-1].clip_index, split_batch(data, np.asarray(list(sampler)[48:56])).clip_index)
+    # In a worker the rows are read into shared memory (nothing copied to hand them over), here not.
+    assert not data.experts["fa"].rows(np.array([0, 1]))[0].is_shared()
+    assert list(DataLoader(_RowsInWorker(data), batch_size=None, num_workers=1)) == [torch.tensor(True)]
+    data.close()
 
 
 def _h5py_frames(path: Path, clip_id: str, max_frames: int) -> np.ndarray:
@@ -152,6 +167,11 @@ def test_datasets_hdf5_must_decode_are_read_by_h5py(tmp_path: Path) -> None:
     np.testing.assert_array_equal(expert.frames(1), chunked)
     assert expert.frames(2).dtype == np.float32
     np.testing.assert_array_equal(expert.frames(2), wide.astype(np.float32))
+    x, mask = expert.rows(np.array([2, 0, 1]))  # a batch mixing decoded and direct reads
+    for row, clip in enumerate((2, 0, 1)):
+        real = int(mask[row].sum())
+        np.testing.assert_array_equal(x[row, :real].numpy(), expert.frames(clip))
+        assert torch.all(x[row, real:] == 0)
     data.close()
 
 
@@ -163,6 +183,8 @@ def test_direct_reads_check_values_and_refuse_a_replaced_file(tmp_path: Path) ->
     data = _open(other, cache_in_ram="no")
     with pytest.raises(DataError, match=r"fa\.h5:train_003: features contain NaN"):
         data.experts["fa"].frames(3)
+    with pytest.raises(DataError, match=r"fa\.h5:train_003: features contain NaN"):
+        data.experts["fa"].rows(np.array([0, 3]))  # a batch names the clip too
     data.close()
 
     data = _open(other, cache_in_ram="no")
@@ -222,8 +244,7 @@ def test_epoch_sampler_depends_only_on_seed_and_epoch() -> None:
 
 @pytest.mark.parametrize("sampling", ["pairs", "clip"])
 def test_cached_batches_are_the_dataloaders_batches(layout: Layout, sampling: str) -> None:
-    """The cached split's index-gathered batches equal the collated ones, padding cut included."""
-    from atric.data import CachedBatches
+    """A split cached in RAM gives the batches the same split streamed from its files gives, padding cut included."""
     from atric.engine import train_loader
 
     lengths = {"fa": 3, "fb": 5}  # shorter than some clips: the cut must match too
@@ -232,7 +253,7 @@ def test_cached_batches_are_the_dataloaders_batches(layout: Layout, sampling: st
     common = {"batch_size": 7 if sampling == "pairs" else 3, "seed": 3, "num_workers": 0, "device": torch.device("cpu"), "sampling": sampling}
     fast, fast_sampler = train_loader(cached, **common)
     slow, slow_sampler = train_loader(streamed, **common)
-    assert isinstance(fast, CachedBatches) and isinstance(slow, DataLoader)
+    assert isinstance(fast.dataset, TrainBatches) and isinstance(slow.dataset, TrainBatches)
     assert len(fast) == len(slow) > 1
     for epoch in (1, 2):
         fast_sampler.set_epoch(epoch)

@@ -68,7 +68,7 @@ def _cached_clip_batches(data: SplitData, batch_size: int) -> Iterator[dict[str,
     ``max_frames`` already; the same tensors ``ClipCollate`` builds)."""
     for start in range(0, len(data), batch_size):
         rows = slice(start, min(start + batch_size, len(data)))
-        yield {name: expert.cached_rows(rows) for name, expert in data.experts.items()}
+        yield {name: expert.rows(rows) for name, expert in data.experts.items()}
 
 
 @torch.no_grad()

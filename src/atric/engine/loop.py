@@ -24,17 +24,7 @@ from tqdm import tqdm
 
 from atric.atomic import write_json_atomic
 from atric.config import Params
-from atric.data import (
-    Batch,
-    CachedBatches,
-    ClipCaptionsCollate,
-    ClipCaptionsDataset,
-    EpochSampler,
-    PairCollate,
-    PairDataset,
-    SplitData,
-    open_split,
-)
+from atric.data import Batch, EpochSampler, SplitData, TrainBatches, batch_as_is, batch_sampler, open_split
 from atric.device import configure_threads, resolve_device
 from atric.engine.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -98,28 +88,20 @@ def train_loader(
 ) -> tuple[DataLoader, EpochSampler]:
     """The train split shuffled by (seed, epoch): (clip, caption) pairs, or clips with all their
     captions (``sampling="clip"``). Incomplete last batches are dropped so every step sees the same
-    batch size (and BatchNorm never sees a single row). A split cached in RAM is batched by
-    indexing the cache (``CachedBatches``, the same batches); workers would only add overhead."""
-    if data.cached and num_workers == 0:
-        n_items = len(data) if sampling == "clip" else len(data.words)
-        sampler = EpochSampler(n_items, seed)
-        return CachedBatches(data, sampler, min(batch_size, n_items), sampling), sampler  # type: ignore[return-value]
-    if sampling == "clip":
-        dataset: Any = ClipCaptionsDataset(data)
-        collate: Any = ClipCaptionsCollate(data.max_frames)
-    else:
-        dataset, collate = PairDataset(data), PairCollate(data.max_frames)
+    batch size (and BatchNorm never sees a single row). Each batch is built whole from the items
+    the sampler draws (``TrainBatches``): gathered from the cache of a split cached in RAM, read
+    into it from the files of a streamed one."""
+    dataset = TrainBatches(data, sampling)
     sampler = EpochSampler(len(dataset), seed)
     loader = DataLoader(
         dataset,
-        batch_size=min(batch_size, len(dataset)),
-        collate_fn=collate,
+        batch_size=None,  # the sampler draws whole batches
+        sampler=batch_sampler(sampler, min(batch_size, len(dataset))),
+        collate_fn=batch_as_is,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
         # Each worker opens its own HDF5 handles; a small prefetch keeps memory bounded.
         prefetch_factor=2 if num_workers > 0 else None,
-        sampler=sampler,
-        drop_last=True,
         persistent_workers=num_workers > 0,
         # Worker seeds come from this generator, not from the global RNG (kept reproducible).
         generator=torch.Generator().manual_seed(seed),
