@@ -356,7 +356,7 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 
     from atric.config import load_params
     from atric.data import open_split
-    from atric.device import resolve_device
+    from atric.device import configure_threads, resolve_device
     from atric.engine import train_epoch, train_loader
     from atric.factory import build_loss, build_model, build_optimizer
     from atric.layout import Layout
@@ -370,7 +370,9 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     feature_file = layout.features_path("bench", "train")
     params = load_params(ROOT / "params.yaml")
     device = resolve_device(args.device)
+    threads = configure_threads(params.train.threads)  # as train() does
     out: dict[str, Any] = {
+        "torch_threads": threads,
         "clips": args.stream_clips,
         "frames": 31,
         "dim": 2048,
