@@ -211,7 +211,7 @@ class TrainParams(Section):
     device: str = _role("runtime", "auto")
     cache_in_ram: Literal["auto", "yes", "no"] = _role("runtime", "auto")
     num_workers: int = _role("runtime", 0, ge=0)
-    threads: int | None = _role("runtime", None, ge=1)  # torch CPU threads; null: the cores available to the process
+    threads: int | None = _role("runtime", None, ge=1)  # torch CPU threads; null: device.default_threads()
     models_dir: str = _role("runtime", "models")
     metrics_dir: str = _role("runtime", "metrics")
 
