@@ -6,13 +6,13 @@ of the right dim in every expert file, every caption has an embedding), so a bad
 before training starts, naming the file and the clip.
 
 Features are either cached in RAM (already cut to the padded length) or streamed from HDF5
-one clip at a time, each process (DataLoader worker) opening its own handle, so an
+a batch at a time, each process (DataLoader worker) opening its own handle, so an
 AudioCaps-scale corpus (tens of GB) trains in bounded memory.
 
 Training batches are either (clip, caption) pairs (``train.sampling: pairs``) or clips with
-all their captions (``clip``, the original's); both are collated with every distinct clip
-once: a clip with several captions in the batch is one audio column and ``caption_clip`` maps
-each caption row to that column (what the losses expect).
+all their captions (``clip``, the original's); both hold every distinct clip once: a clip with
+several captions in the batch is one audio column and ``caption_clip`` maps each caption row
+to that column (what the losses expect).
 
 Why one module of this size: opening and checking a split, its datasets and its collation define together what a batch holds.
 """
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
