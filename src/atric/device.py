@@ -64,8 +64,10 @@ def default_threads() -> int:
     """torch's intra-op threads when neither ``train.threads`` nor OMP_NUM_THREADS sets them: one
     fewer than the cores this process may use, at least one. The spare core runs the DataLoader
     workers, the tracking thread and whatever else shares the machine, so the intra-op team does not
-    wait at every parallel region for a peer that was descheduled. On 2 shared cores one thread
-    trained 1.0-2.1x faster than two, idle and beside a 2-core load (README, Performance)."""
+    wait at every parallel region for a peer that was descheduled or asleep. On a 2-vCPU VM one
+    thread trained the default corpus 1.0-2.7x faster than two passive threads and stayed within
+    1.8x of its idle speed beside a 2-core load; large features (31 x 2048) on idle cores trained
+    at 0.7-0.9x (README, Performance: ``train.threads`` sets the count)."""
     return max(1, available_cpus() - 1)
 
 
