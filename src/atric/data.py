@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import BatchSampler, Dataset, Sampler, get_worker_info
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 from atric.errors import DataError
 from atric.layout import Clip, FeatureFile, Layout, check_feature_array, read_index, read_text_embeddings
@@ -608,11 +608,6 @@ def split_batch(data: SplitData, captions: np.ndarray) -> Batch:
 def batch_as_is(batch: Batch) -> Batch:
     """The DataLoader's collate_fn for ``TrainBatches``: its items are whole batches already."""
     return batch
-
-
-def batch_sampler(sampler: EpochSampler, batch_size: int) -> BatchSampler:
-    """Consecutive ``batch_size`` items of the sampler's order; an incomplete last batch dropped."""
-    return BatchSampler(sampler, batch_size, drop_last=True)
 
 
 class EpochSampler(Sampler[int]):

@@ -19,12 +19,12 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader
 from tqdm import tqdm
 
 from atric.atomic import write_json_atomic
 from atric.config import Params
-from atric.data import Batch, EpochSampler, SplitData, TrainBatches, batch_as_is, batch_sampler, open_split
+from atric.data import Batch, EpochSampler, SplitData, TrainBatches, batch_as_is, open_split
 from atric.device import configure_threads, resolve_device
 from atric.engine.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -96,7 +96,7 @@ def train_loader(
     loader = DataLoader(
         dataset,
         batch_size=None,  # the sampler draws whole batches
-        sampler=batch_sampler(sampler, min(batch_size, len(dataset))),
+        sampler=BatchSampler(sampler, min(batch_size, len(dataset)), drop_last=True),
         collate_fn=batch_as_is,
         num_workers=num_workers,
         pin_memory=device.type == "cuda",
