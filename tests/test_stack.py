@@ -4,6 +4,7 @@ Plus static checks of the Docker/compose/CI files (hadolint when installed)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import stat
@@ -193,6 +194,24 @@ def test_dvc_push_then_pull_into_a_fresh_clone(stack: Stack, tmp_path: Path, mon
     _run([*dvc, "pull", "-q"], clone)
     for rel, data in payload.items():
         assert (clone / rel).read_bytes() == data
+
+
+def test_dvc_remote_keeps_keys_that_start_with_a_dash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # token_urlsafe starts with "-" one time in 64; dvc's parser once took such a secret for an option.
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    _run(["git", "init", "-q"], tmp_path)
+    _run([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    settings = dataclasses.replace(
+        Settings.generate(tmp_path / "stack"), s3_access_key="-Lkey", s3_secret_key="-lSxh_secret-value"
+    )
+    services.configure_dvc_remote(tmp_path, settings)
+
+    def stored(key: str) -> str:
+        return _run([sys.executable, "-m", "dvc", "config", "--local", f"remote.stack.{key}"], tmp_path).strip()
+
+    assert (stored("access_key_id"), stored("secret_access_key")) == ("-Lkey", "-lSxh_secret-value")
+    assert stored("endpointurl") == settings.s3_endpoint
+    assert "-lSxh_secret-value" not in (tmp_path / ".dvc" / "config").read_text()
 
 
 # --------------------------------------------------------------------------- images, compose, CI

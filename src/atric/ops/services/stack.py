@@ -73,15 +73,18 @@ def configure_dvc_remote(repo: Path, settings: Settings, name: str = "stack", ur
     """Make the stack's S3 the default DVC remote of ``repo``; keys go to the git-ignored ``--local`` config."""
     dvc = [sys.executable, "-m", "dvc"]
 
-    def run(*args: str) -> None:
-        done = subprocess.run([*dvc, *args], cwd=repo, capture_output=True, text=True, timeout=60, check=False)
+    def run(*args: str, value: str) -> None:
+        # "--" ends dvc's options, so a value starting with "-" (a random secret can) stays a value;
+        # dvc echoes what it could not parse, so the value is kept out of the error.
+        done = subprocess.run([*dvc, *args, "--", value], cwd=repo, capture_output=True, text=True, timeout=60, check=False)
         if done.returncode != 0:
-            raise StackError(f"dvc {' '.join(args[:3])} failed: {done.stderr.strip()[-500:]}")
+            stderr = done.stderr.replace(value, "***").strip()[-500:]
+            raise StackError(f"dvc {' '.join(args)} failed: {stderr}")
 
-    run("remote", "add", "--local", "--force", "--default", name, url or settings.dvc_remote_url)
-    run("remote", "modify", "--local", name, "endpointurl", settings.s3_endpoint)
-    run("remote", "modify", "--local", name, "region", REGION)
-    run("remote", "modify", "--local", name, "access_key_id", settings.s3_access_key)
-    run("remote", "modify", "--local", name, "secret_access_key", settings.s3_secret_key)
+    run("remote", "add", "--local", "--force", "--default", name, value=url or settings.dvc_remote_url)
+    run("remote", "modify", "--local", name, "endpointurl", value=settings.s3_endpoint)
+    run("remote", "modify", "--local", name, "region", value=REGION)
+    run("remote", "modify", "--local", name, "access_key_id", value=settings.s3_access_key)
+    run("remote", "modify", "--local", name, "secret_access_key", value=settings.s3_secret_key)
 
 
