@@ -5,8 +5,10 @@ the run FAILED with its reason, an unreachable MLflow stops the stage, nothing t
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,7 @@ import fakes
 
 from atric.config import Params
 from atric.engine import RunPaths
-from atric.ops import tracking
+from atric.ops import interrupts, tracking
 from atric.ops.experiment import train_tracked
 
 RUN = "fa-netrvlad"  # run_name_for(fakes.tiny_params)
@@ -172,3 +174,77 @@ def test_training_that_ends_before_mlflow_answers_is_logged_by_the_rerun_without
     assert run.info.status == "FINISHED"
     assert [m.step for m in store.get_metric_history(run.info.run_id, "val_t2a_R1")] == [1, 2]
     assert not tracking.tracking_pending(paths.run_dir)
+
+
+class _SlowEpochs:
+    """Epochs long enough that a deferred signal lands inside training."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        time.sleep(0.2)
+
+
+def test_sigterm_while_metrics_are_written_ends_the_run_killed_without_waiting_for_the_lock(
+    data_root: Path, tmp_path: Path, store: Any
+) -> None:
+    """SIGTERM arriving right after SQLite took the write lock for the epoch's metrics: the
+    write completes, the stage stops, and the run ends KILLED at once (an interrupt raised
+    inside SQLAlchemy left the lock held: ending the run waited out the busy timeout, twice,
+    and the run stayed RUNNING)."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    sent: list[str] = []
+
+    def write_then_signal(cursor: Any, statement: str, parameters: Any, context: Any) -> bool | None:
+        if sent or not statement.startswith("INSERT INTO metrics"):
+            return None
+        cursor.executemany(statement, parameters)  # the rows are in: this connection holds the lock
+        sent.append(statement)
+        signal.raise_signal(signal.SIGTERM)  # handled at the next bytecode, inside SQLAlchemy
+        return True
+
+    params = _params(data_root, tmp_path, epochs=40)
+    event.listen(Engine, "do_executemany", write_then_signal)
+    started = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train_tracked(params, callbacks=[_SlowEpochs()], log_model=False)
+    finally:
+        event.remove(Engine, "do_executemany", write_then_signal)
+    elapsed = time.monotonic() - started
+
+    assert sent, "no metrics were written"
+    (run,) = _runs(store)
+    assert run.info.status == "KILLED", run.data.tags.get(tracking.FAILURE_TAG)
+    assert run.data.tags[tracking.FAILURE_TAG] == "interrupted (SIGTERM)"
+    steps = [m.step for m in store.get_metric_history(run.info.run_id, "val_t2a_R1")]
+    assert steps and steps == list(range(1, len(steps) + 1)) and len(steps) < 40  # the interrupted write landed
+    assert elapsed < 15  # SQLite's busy timeout in MLflow is 20 s
+
+
+def test_stop_signals_are_taken_over_only_from_python_defaults() -> None:
+    def own(signum: int, frame: Any) -> None:
+        pass
+
+    before = signal.getsignal(signal.SIGTERM)
+    with interrupts.stop_signals_as_interrupt():
+        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+    previous = signal.signal(signal.SIGINT, own)
+    try:
+        with interrupts.stop_signals_as_interrupt():
+            assert signal.getsignal(signal.SIGINT) is own  # a caller's own Ctrl-C handler stays
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+    seen: list[Any] = []
+    thread = threading.Thread(target=lambda: seen.append(_enter_off_the_main_thread()))
+    thread.start()
+    thread.join()
+    assert seen == [before]  # handlers can only be set on the main thread: left alone
+
+
+def _enter_off_the_main_thread() -> Any:
+    with interrupts.stop_signals_as_interrupt():
+        return signal.getsignal(signal.SIGTERM)

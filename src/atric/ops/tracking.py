@@ -10,7 +10,6 @@ import functools
 import json
 import logging
 import os
-import signal
 import subprocess
 import threading
 import time
@@ -21,6 +20,7 @@ from typing import Any
 
 from atric.atomic import write_text_atomic
 from atric.errors import AtricError
+from atric.ops.interrupts import stop_signals_as_interrupt
 from atric.redact import redact
 
 MLRUNS_DIR = Path("mlruns")
@@ -149,20 +149,6 @@ def recorded_run_id(run_dir: Path) -> str | None:
         return None
 
 
-@contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """DVC and schedulers stop a stage with SIGTERM: turn it into KeyboardInterrupt so the run is closed."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 class OpeningRun:
     """An MLflow run that a background thread opens while the first epoch trains.
 
@@ -269,7 +255,7 @@ def tracked_run(
     opening = OpeningRun(opener, nested=nested)
     status, failed, reason = "FAILED", False, ""
     try:
-        with _terminate_as_interrupt():
+        with stop_signals_as_interrupt():
             yield opening
             opening.wait()  # a body that never logged still needs its run
         status = "FINISHED"

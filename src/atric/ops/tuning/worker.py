@@ -6,7 +6,6 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from atric.config import (
 from atric.engine import RunPaths
 from atric.errors import AtricError
 from atric.ops import tracking
+from atric.ops.interrupts import stop_signals_as_interrupt
 from atric.ops.tuning.common import (
     ATTR_WORKERS,
     LIVE_STATES,
@@ -179,9 +179,8 @@ def run_worker(params: Params) -> WorkerSummary:
     status = "FAILED"
     try:
         with contextlib.ExitStack() as stack:
-            if threading.current_thread() is threading.main_thread():
-                # SIGTERM (docker stop, schedulers) ends a worker as Ctrl-C does: FAIL + retry queued.
-                stack.enter_context(tracking._terminate_as_interrupt())
+            # SIGTERM (docker stop, schedulers) ends a worker as Ctrl-C does: FAIL + retry queued.
+            stack.enter_context(stop_signals_as_interrupt())
             stack.callback(worker.close_gate)
             while True:
                 left = tune.timeout - (time.monotonic() - started) if tune.timeout else None
