@@ -13,6 +13,8 @@ subprocess, in a temporary copy of the project's tracked files (``git ls-files``
 - ``imports``: one more warm run under ``python -X importtime``: the seconds spent importing
   until the first step, and the heaviest top-level imports;
 - ``help_s``: ``python src/train.py --help``, what the script imports before it can answer.
+- ``exit_s`` (in each run): from the stage's main returning to the process's end (exit
+  handlers, the interpreter's shutdown).
 
 ``--baseline REV`` measures a copy of that revision (``git archive``) the same way, each of its
 runs right after the current tree's, so that both see the same load.
@@ -237,6 +239,7 @@ def _run_stage(work: str, stage_args: list[str], *, importtime: bool = False) ->
         "first_epoch_train_s": round(marks["first_epoch_end"] - marks["first_epoch"], 3),
         "after_training_s": round(end - marks["first_epoch_end"], 3),  # validation, MLflow logging, exit
         "total_s": round(end - start, 3),
+        "exit_s": round(end - marks["exit"], 3),  # the stage's main returned: interpreter shutdown
     }
     if importtime:
         result.update(_import_summary(done.stderr))

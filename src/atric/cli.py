@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import atexit
+import gc
 import json
 import os
 import sys
@@ -23,6 +25,11 @@ for _name, _value in {
     "DO_NOT_TRACK": "1",
 }.items():
     os.environ.setdefault(_name, _value)
+
+# The interpreter's last garbage collection walks every object torch and MLflow made: ~0.8 s of
+# each stage's exit on 2 cores (benchmarks/startup.py). Frozen objects are skipped there; exit
+# handlers registered later (logging, MLflow's end of run) still run before this one.
+atexit.register(gc.freeze)
 
 
 def add_params_arguments(parser: argparse.ArgumentParser) -> None:
