@@ -1,0 +1,128 @@
+"""The default pipeline from a fresh clone, stage by stage, idle and under load (issue #17).
+
+    python benchmarks/pipeline.py [--rev HEAD] [--load-processes 2] [--out benchmarks/results/pipeline.json]
+
+Clones this repository at ``--rev`` into a temporary folder and there runs what ``make run`` runs:
+``make venv`` (the install, timed but not counted), ``make data/raw`` (the corpus), then
+``dvc repro``; then ``dvc repro -f`` once more beside ``--load-processes`` busy processes (another
+job on the same cores, as ``benchmarks/train.py`` starts them). A stage's time runs from DVC's
+``Running stage`` line to the next one (so DVC's own bookkeeping after a command is counted with
+its stage). Prints and writes JSON: per stage and per stage kind, totals, ``uptime`` around each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train import CompetingLoad, uptime  # noqa: E402 -- the benchmarks' one competing load
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGE_LINE = re.compile(r"Running stage '([^']+)'")
+GOAL_SECONDS = 360  # issue #17: the default pipeline in < 6 min on 2 idle cores
+
+
+def _env(work: Path) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{work / '.venv' / 'bin'}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+
+
+def _timed(command: list[str], work: Path) -> float:
+    started = time.monotonic()
+    subprocess.run(command, cwd=work, env=_env(work), check=True, stdout=subprocess.DEVNULL)
+    return round(time.monotonic() - started, 1)
+
+
+def repro(work: Path, *, force: bool) -> dict[str, Any]:
+    """``dvc repro`` in ``work``; seconds per stage from the times its lines arrive."""
+    command = [str(work / ".venv" / "bin" / "dvc"), "repro", *(["-f"] if force else [])]
+    before = uptime()
+    started = time.monotonic()
+    starts: list[tuple[str, float]] = []
+    with subprocess.Popen(
+        command, cwd=work, env=_env(work), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            match = STAGE_LINE.search(line)
+            if match:
+                starts.append((match.group(1), time.monotonic() - started))
+                print(f"{starts[-1][1]:7.1f} s  {match.group(1)}", file=sys.stderr, flush=True)
+    if proc.returncode:
+        raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode}")
+    total = time.monotonic() - started
+    stages: dict[str, float] = {}
+    for (name, begin), (_, end) in zip(starts, [*starts[1:], ("", total)]):
+        stages[name] = round(end - begin, 1)
+    kinds: dict[str, float] = {}
+    for name, seconds in stages.items():
+        kind = name.split("@")[0]
+        kinds[kind] = round(kinds.get(kind, 0.0) + seconds, 1)
+    return {
+        "command": " ".join(command[1:]),
+        "uptime_before": before,
+        "uptime_after": uptime(),
+        "total_s": round(total, 1),
+        "stages_run": len(stages),
+        "by_kind_s": kinds,
+        "stages_s": stages,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rev", default="HEAD", help="the revision to clone (default: HEAD)")
+    parser.add_argument("--load-processes", type=int, default=2, help="busy processes of the loaded run (0: none)")
+    parser.add_argument("--workdir", help="clone here and keep it (default: a temporary folder, removed)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
+    args = parser.parse_args()
+
+    root = Path(args.workdir or tempfile.mkdtemp(prefix="atric-pipeline-"))
+    work = root / "clone"
+    try:
+        subprocess.run(["git", "clone", "--quiet", str(ROOT), str(work)], check=True)
+        subprocess.run(["git", "checkout", "--quiet", args.rev], cwd=work, check=True)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=work, check=True, capture_output=True, text=True
+        ).stdout.strip()
+        report: dict[str, Any] = {
+            "command": " ".join(["python", "benchmarks/pipeline.py", *sys.argv[1:]]),
+            "commit": commit,
+            "cpus": len(os.sched_getaffinity(0)),
+            "install_s": _timed(["make", "venv"], work),  # not counted (issue #17)
+            "uptime_before_corpus": uptime(),
+            "corpus_s": _timed(["make", "data/raw"], work),
+        }
+        report["idle"] = repro(work, force=False)
+        report["idle_corpus_and_repro_s"] = round(report["corpus_s"] + report["idle"]["total_s"], 1)
+        report["goal_s"] = GOAL_SECONDS
+        report["goal_met_idle"] = report["idle_corpus_and_repro_s"] < GOAL_SECONDS
+        if args.load_processes:
+            with CompetingLoad(args.load_processes):
+                report["loaded"] = repro(work, force=True)
+            report["loaded"]["load_processes"] = args.load_processes
+            report["loaded_over_idle"] = round(report["loaded"]["total_s"] / report["idle"]["total_s"], 2)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(root, ignore_errors=True)
+    text = json.dumps(report, indent=2)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(text + "\n")
+    tmp.replace(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
