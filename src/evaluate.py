@@ -29,22 +29,26 @@ def main() -> int:
     if args.checkpoint:
         extra.append(f"evaluate.checkpoint={json.dumps(args.checkpoint)}")
     params = params_from_args(args, extra)
-    # Imported once the arguments and params are valid (torch, h5py, MLflow: seconds).
-    from atric.engine import evaluate_checkpoint, run_name_for
-    from atric.metrics import format_metrics_table
-    from atric.ops.experiment import log_evaluation
-    from atric.ops.runlock import run_lock
-    from atric.report import write_recall_curve
+    from atric.ops.tracking import MetricsSidecar
 
-    run_name = args.run or run_name_for(params.train)
-    # The run's lock: no evaluation reads best.pt while a training of the run rewrites it,
-    # and no two evaluations write metrics/<split>/<run>.json at once.
-    with run_lock(params.train.models_dir, run_name, "evaluate"):
-        metrics = evaluate_checkpoint(
-            params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
-        )
-        log_evaluation(params, run_name, metrics, params.evaluate.split)
-        write_recall_curve(Path(params.train.metrics_dir), run_name, metrics)
+    # MLflow is imported by a child on the other core while torch is imported here (seconds each).
+    with MetricsSidecar() as mlflow_child:
+        # Imported once the arguments and params are valid (torch, h5py: seconds).
+        from atric.engine import evaluate_checkpoint, run_name_for
+        from atric.metrics import format_metrics_table
+        from atric.ops.experiment import log_evaluation
+        from atric.ops.runlock import run_lock
+        from atric.report import write_recall_curve
+
+        run_name = args.run or run_name_for(params.train)
+        # The run's lock: no evaluation reads best.pt while a training of the run rewrites it,
+        # and no two evaluations write metrics/<split>/<run>.json at once.
+        with run_lock(params.train.models_dir, run_name, "evaluate"):
+            metrics = evaluate_checkpoint(
+                params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
+            )
+            log_evaluation(params, run_name, metrics, params.evaluate.split, mlflow_child.log_metrics_to_run)
+            write_recall_curve(Path(params.train.metrics_dir), run_name, metrics)
     print(
         f"{run_name} ({params.evaluate.checkpoint} checkpoint, epoch {metrics['epoch']}) on {params.evaluate.split}:"
     )

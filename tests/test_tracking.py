@@ -248,3 +248,24 @@ def test_stop_signals_are_taken_over_only_from_python_defaults() -> None:
 def _enter_off_the_main_thread() -> Any:
     with interrupts.stop_signals_as_interrupt():
         return signal.getsignal(signal.SIGTERM)
+
+
+def test_metrics_sidecar_logs_into_an_ended_run_and_names_the_run_it_cannot_log_to(store: Any) -> None:
+    """Evaluate stages log their test metrics from a child that imported MLflow meanwhile."""
+    run = store.create_run(store.create_experiment("sidecar"))
+    store.set_terminated(run.info.run_id)
+    with tracking.MetricsSidecar() as child:
+        child.log_metrics_to_run(run.info.run_id, {"test_t2a_R1": 12.5, "test_t2a_R@10": 50})
+    metrics = store.get_run(run.info.run_id).data.metrics
+    assert metrics == {"test_t2a_R1": 12.5, "test_t2a_R_10": 50.0}  # MLflow-safe names, as in-process
+    assert store.get_run(run.info.run_id).info.status == "FINISHED"
+
+    missing = "0" * 32
+    with pytest.raises(tracking.TrackingError, match=f"cannot log metrics to run {missing}: .*not found"):
+        with tracking.MetricsSidecar() as child:
+            child.log_metrics_to_run(missing, {"test_t2a_R1": 1.0})
+
+    unused = tracking.MetricsSidecar()
+    with unused:
+        pass  # nothing to log (e.g. no MLflow run recorded): the child is stopped, not left behind
+    assert unused._proc.poll() is not None

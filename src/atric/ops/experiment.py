@@ -373,12 +373,19 @@ def log_best_model(best_path: Path, artifact_name: str = "model") -> None:
     )
 
 
-def log_evaluation(params: Params, run_name: str, metrics: dict[str, float], split: str) -> None:
-    """Add a run's evaluation metrics (``test_t2a_R1``, ...) to its MLflow training run."""
+def log_evaluation(
+    params: Params,
+    run_name: str,
+    metrics: dict[str, float],
+    split: str,
+    log_metrics: Callable[[str, dict[str, float]], None] = tracking.log_metrics_to_run,
+) -> None:
+    """Add a run's evaluation metrics (``test_t2a_R1``, ...) to its MLflow training run
+    (through ``log_metrics``: e.g. a ``tracking.MetricsSidecar``'s)."""
     paths = RunPaths.of(params.train, run_name)
     run_file = paths.run_dir / tracking.RUN_ID_FILE
     if not run_file.exists():
         log.info("%s: no MLflow run recorded; evaluation metrics not logged to MLflow", run_name)
         return
     run_id = json.loads(run_file.read_text())["run_id"]
-    tracking.log_metrics_to_run(run_id, {f"{split}_{k}": v for k, v in metrics.items()})
+    log_metrics(run_id, {f"{split}_{k}": v for k, v in metrics.items()})

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -508,3 +509,71 @@ def log_metrics_to_run(run_id: str, metrics: Mapping[str, float]) -> None:
     MlflowClient().log_batch(
         run_id, metrics=[Metric(_metric_name(k), float(v), now, 0) for k, v in metrics.items()]
     )
+
+
+class MetricsSidecar:
+    """Logs one batch of metrics into a run from a child process started early.
+
+    Importing MLflow and opening its store take ~2 s of Python: half of an evaluate stage on
+    2 cores (``benchmarks/pipeline.py``). Started before the stage imports torch, the child
+    (``python -m atric.ops.tracking``) spends them on the other core while the stage computes;
+    the stage hands it the metrics when it has them. A fresh interpreter, not a fork: nothing of
+    this process (open database connections, torch's threads) is carried into it. Leaving the
+    block without logging stops it.
+    """
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", __name__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,  # the one-line answer; the child's logs go to our stderr
+            text=True,
+        )
+
+    def log_metrics_to_run(self, run_id: str, metrics: Mapping[str, float]) -> None:
+        """``log_metrics_to_run`` in the child; its failure is raised here as TrackingError."""
+        request = json.dumps({"run_id": run_id, "metrics": {k: float(v) for k, v in metrics.items()}})
+        out, _ = self._proc.communicate(request + "\n")
+        if self._proc.returncode:
+            answer = out.strip().splitlines()[-1] if out.strip() else ""
+            raise TrackingError(
+                answer or f"MLflow at {display_uri()}: the logging process exited {self._proc.returncode}"
+            )
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.communicate()
+
+    def __enter__(self) -> MetricsSidecar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _sidecar_main() -> int:
+    """The child of MetricsSidecar: open MLflow, then log the one request read from stdin."""
+    from atric.redact import install_log_redaction
+
+    install_log_redaction()
+    run_id = "?"
+    try:
+        from mlflow import MlflowClient
+
+        configure()
+        MlflowClient()  # opens the store (the SQLite schema check) before the request comes
+        line = sys.stdin.readline()
+        if not line.strip():
+            return 0  # the stage had nothing to log
+        request = json.loads(line)
+        run_id = request["run_id"]
+        log_metrics_to_run(run_id, request["metrics"])
+    except Exception as exc:
+        print(f"MLflow at {display_uri()}: cannot log metrics to run {run_id}: {describe(exc)}", flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_sidecar_main())
