@@ -227,14 +227,17 @@ def test_stop_signals_are_taken_over_only_from_python_defaults() -> None:
         pass
 
     before = signal.getsignal(signal.SIGTERM)
-    with interrupts.stop_signals_as_interrupt():
-        assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is not before
-    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-
-    previous = signal.signal(signal.SIGINT, own)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
     try:
         with interrupts.stop_signals_as_interrupt():
-            assert signal.getsignal(signal.SIGINT) is own  # a caller's own Ctrl-C handler stays
+            assert signal.getsignal(signal.SIGINT) is signal.getsignal(signal.SIGTERM) is not before
+        assert signal.getsignal(signal.SIGTERM) is before
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+        for kept in (own, signal.SIG_IGN):  # a caller's own Ctrl-C handler; a job started with `&`
+            signal.signal(signal.SIGINT, kept)
+            with interrupts.stop_signals_as_interrupt():
+                assert signal.getsignal(signal.SIGINT) is kept
     finally:
         signal.signal(signal.SIGINT, previous)
 
