@@ -27,6 +27,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train import CompetingLoad, uptime  # noqa: E402 -- the benchmarks' one competing load
 
+from atric.atomic import write_text_atomic
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_LINE = re.compile(r"Running stage '([^']+)'")
 GOAL_SECONDS = 360  # issue #17: the default pipeline in < 6 min on 2 idle cores
@@ -118,9 +120,7 @@ def main() -> int:
     print(text)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(text + "\n")
-    tmp.replace(out)
+    write_text_atomic(out, text + "\n")
     return 0
 
 

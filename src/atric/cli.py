@@ -26,8 +26,8 @@ for _name, _value in {
 }.items():
     os.environ.setdefault(_name, _value)
 
-# The interpreter's last garbage collection walks every object torch and MLflow made: ~0.8 s of
-# each stage's exit on 2 cores (benchmarks/startup.py). Frozen objects are skipped there; exit
+# The interpreter's last garbage collection walks every object torch and MLflow made: ~1.3 s of
+# each stage's exit on 2 cores (benchmarks/startup.py, exit_s). Frozen objects are skipped there; exit
 # handlers registered later (logging, MLflow's end of run) still run before this one.
 atexit.register(gc.freeze)
 
