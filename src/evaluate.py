@@ -29,10 +29,10 @@ def main() -> int:
     if args.checkpoint:
         extra.append(f"evaluate.checkpoint={json.dumps(args.checkpoint)}")
     params = params_from_args(args, extra)
-    from atric.ops.tracking import MetricsSidecar
+    from atric.ops.tracking import TrackingProcess
 
     # MLflow is imported by a child on the other core while torch is imported here (seconds each).
-    with MetricsSidecar() as mlflow_child:
+    with TrackingProcess() as mlflow_process:
         # Imported once the arguments and params are valid (torch, h5py: seconds).
         from atric.engine import evaluate_checkpoint, run_name_for
         from atric.metrics import format_metrics_table
@@ -47,7 +47,7 @@ def main() -> int:
             metrics = evaluate_checkpoint(
                 params, run_name, split=params.evaluate.split, which=params.evaluate.checkpoint
             )
-            log_evaluation(params, run_name, metrics, params.evaluate.split, mlflow_child.log_metrics_to_run)
+            log_evaluation(params, run_name, metrics, params.evaluate.split, mlflow_process.log_metrics_to_run)
             write_recall_curve(Path(params.train.metrics_dir), run_name, metrics)
     print(
         f"{run_name} ({params.evaluate.checkpoint} checkpoint, epoch {metrics['epoch']}) on {params.evaluate.split}:"

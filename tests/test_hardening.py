@@ -298,7 +298,8 @@ def test_params_tags_and_failure_reason_in_mlflow_are_redacted(tmp_path: Path, m
             raise RuntimeError(f"upload to http://k:{SECRET}@s3:8333 failed")
     from mlflow import MlflowClient
 
-    (run,) = MlflowClient().search_runs([MlflowClient().get_experiment_by_name("Fake").experiment_id])
+    client = MlflowClient(tracking.tracking_uri())  # the run was logged by the TrackingProcess, from the env
+    (run,) = client.search_runs([client.get_experiment_by_name("Fake").experiment_id])
     assert run.info.status == "FAILED"
     shown = json.dumps([run.data.params, run.data.tags])
     assert SECRET not in shown and "https://u:***@vectors.example" in shown

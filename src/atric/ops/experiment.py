@@ -6,6 +6,7 @@ Used by ``src/train.py`` (one run per ``<expert>-<pooling>``) and by the tuner (
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -135,15 +136,20 @@ def train_tracked(
     The run's lock (``atric.ops.runlock``) is held throughout: a second process for the same
     run fails at once. Everything that can be refused up front (unknown expert, unwritable
     output folders, bad data, a ``last.pt`` from other params) is refused before an MLflow run
-    exists; a run that started and then failed ends FAILED with the reason as a tag. The MLflow
-    run is opened in the background while the first epoch trains (``tracking.OpeningRun``).
+    exists; a run that started and then failed ends FAILED with the reason as a tag. MLflow is
+    reached through a ``tracking.TrackingProcess`` (this process does not import it), and the run
+    is opened while the first epoch trains (``tracking.OpeningRun``).
     """
     run_name = run_name or run_name_for(params.train)
     paths = RunPaths.of(params.train, run_name)
-    with run_lock(params.train.models_dir, run_name, stage):
-        _remove_stale_temps(paths)
-        _preflight(params, paths, policy)
-        return _train_locked(params, run_name, paths, policy, stage, callbacks, nested, log_model, tags or {})
+    # Started first: the child imports MLflow on the other core while the data is checked.
+    with tracking.TrackingProcess(preload_model=log_model) as mlflow_process:
+        with run_lock(params.train.models_dir, run_name, stage):
+            _remove_stale_temps(paths)
+            _preflight(params, paths, policy)
+            return _train_locked(
+                params, run_name, paths, policy, stage, callbacks, nested, log_model, tags or {}, mlflow_process
+            )
 
 
 def _remove_stale_temps(paths: RunPaths) -> None:
@@ -196,6 +202,7 @@ def _train_locked(
     nested: bool,
     log_model: bool,
     tags: dict[str, str],
+    mlflow_process: tracking.TrackingProcess,
 ) -> TrainResult:
     resume, restart = policy == "resume", policy == "restart"
     if policy == "pipeline":
@@ -212,6 +219,7 @@ def _train_locked(
         params=tracked_params(params),
         tags={**run_tags(params, run_name, device, stage), **tags},
         nested=nested,
+        process=mlflow_process,
     ) as opening:
         metrics_logger = tracking.EpochMetricsLogger(opening)
         try:
@@ -229,7 +237,7 @@ def _train_locked(
                     metrics_logger.flush()
             raise
         run_id = _log_run_metrics(opening, result, metrics_logger)
-        _log_artifacts(result.paths, run_id, log_model=log_model)
+        _log_artifacts(result.paths, mlflow_process, run_id, log_model=log_model)
     (paths.run_dir / tracking.TRACKING_PENDING_FILE).unlink(missing_ok=True)
     return result
 
@@ -237,21 +245,23 @@ def _train_locked(
 def _log_run_metrics(
     opening: tracking.OpeningRun, result: TrainResult, metrics_logger: tracking.EpochMetricsLogger
 ) -> str:
-    """Make the run this thread's, then log the per-epoch history (buffered, or missing after an
-    earlier outage) and the best epoch; returns the run id.
+    """Log the per-epoch history (buffered, or missing after an earlier outage) and the best
+    epoch; returns the run id.
 
     MLflow down here, or since the epochs began (the run could not even be opened): the run is
     complete on disk and marked as awaiting its logging; a TrackingError says how to finish it.
     """
     try:
-        run_id = opening.activate()
+        run_id = opening.wait()
         if not metrics_logger.flush():
             raise metrics_logger.last_error or RuntimeError("metrics not logged")
-        filled = tracking.backfill_history(run_id, result.history, metrics_logger.logged_steps)
+        filled = opening.process.call(
+            "backfill_history", run_id=run_id, history=result.history, skip_steps=sorted(metrics_logger.logged_steps)
+        )
         if filled:
             log.info("%s: %d earlier epochs logged to MLflow run %s", result.run_name, filled, run_id)
         best = {f"best_val_{k}": v for k, v in result.best_metrics.items()}
-        tracking.log_metrics_to_run(run_id, {**best, "best_epoch": result.best_epoch})
+        opening.process.call("log_metrics_to_run", run_id=run_id, metrics={**best, "best_epoch": result.best_epoch})
         return run_id
     except Exception as exc:
         cause = exc.__cause__ if isinstance(exc, tracking.TrackingError) else exc  # opening failed
@@ -269,28 +279,31 @@ def _log_run_metrics(
         ) from exc
 
 
-def _log_artifacts(paths: RunPaths, run_id: str | None = None, *, log_model: bool = False) -> None:
-    """Upload checkpoints, metrics files and the model, retrying while MLflow or its S3 is down.
+def _log_artifacts(
+    paths: RunPaths, mlflow_process: tracking.TrackingProcess, run_id: str, *, log_model: bool = False
+) -> None:
+    """Upload checkpoints, metrics files and the model (through ``mlflow_process``), retrying
+    while MLflow or its S3 is down.
 
     Each upload is done once; a failure waits with bounded backoff (``RetryPolicy``:
     ``ATRIC_S3_ATTEMPTS``/``ATRIC_S3_BACKOFF``) and retries what is left. The local files are
     only read: when the budget is spent they are all still on disk, and a TrackingError
     names the ones not uploaded.
     """
-    import mlflow
-
     uploads: list[tuple[str, Path, Callable[[], None]]] = []
 
     def artifact(path: Path, folder: str) -> None:
         if path.exists():
-            uploads.append((f"{folder}/{path.name}", path, lambda: mlflow.log_artifact(str(path), artifact_path=folder)))
+            upload = functools.partial(mlflow_process.call, "log_artifact", run_id=run_id, path=str(path), folder=folder)
+            uploads.append((f"{folder}/{path.name}", path, upload))
 
     for path in (paths.best, paths.last):
         artifact(path, "checkpoints")
     for path in (paths.metrics, paths.history):
         artifact(path, "metrics")
     if log_model and paths.best.exists():
-        uploads.append(("model", paths.best, lambda: log_best_model(paths.best)))
+        upload = functools.partial(mlflow_process.call, "log_model", run_id=run_id, best_path=str(paths.best))
+        uploads.append(("model", paths.best, upload))
 
     policy = RetryPolicy.from_env()
     failures = 0
@@ -345,7 +358,8 @@ class AudioEmbedder(nn.Module):
 
 
 def log_best_model(best_path: Path, artifact_name: str = "model") -> None:
-    """Log the best checkpoint as an MLflow PyTorch model with a signature from a sample batch."""
+    """Log the best checkpoint into the active MLflow run as a PyTorch model with a signature
+    from a sample batch (in the ``tracking.TrackingProcess``: its ``log_model``)."""
     import mlflow
     from mlflow.models import infer_signature
 
@@ -381,7 +395,7 @@ def log_evaluation(
     log_metrics: Callable[[str, dict[str, float]], None] = tracking.log_metrics_to_run,
 ) -> None:
     """Add a run's evaluation metrics (``test_t2a_R1``, ...) to its MLflow training run
-    (through ``log_metrics``: e.g. a ``tracking.MetricsSidecar``'s)."""
+    (through ``log_metrics``: e.g. a ``tracking.TrackingProcess``'s)."""
     paths = RunPaths.of(params.train, run_name)
     run_file = paths.run_dir / tracking.RUN_ID_FILE
     if not run_file.exists():

@@ -6,8 +6,9 @@ interrupt wherever the main thread happens to be breaks that close when it lands
 SQLAlchemy call: SQLAlchemy then drops the connection without closing its cursor, SQLite keeps
 the connection's write lock while that cursor lives (in the interrupt's traceback), and every
 later write of the process (ending the run KILLED) waits out the busy timeout and fails. So
-the handler defers an interrupt that arrives inside a database call: the signal is sent again
-shortly, until it finds the main thread outside one.
+the handler defers an interrupt that arrives inside a database call, or inside a function
+marked :func:`uninterruptible` (a request half-written to the tracking process would garble
+the next one): the signal is sent again shortly, until it finds the main thread outside.
 """
 
 from __future__ import annotations
@@ -15,18 +16,30 @@ from __future__ import annotations
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from types import FrameType
+from types import CodeType, FrameType
+from typing import TypeVar
+
+F = TypeVar("F", bound=Callable[..., object])
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 DEFER_SECONDS = 0.05  # how soon a deferred signal is sent again
 DATABASE_PACKAGE = "sqlalchemy"  # MLflow's SQL store and Optuna's RDB storage both go through it
+_UNINTERRUPTIBLE: set[CodeType] = set()
 
 
-def in_database_call(frame: FrameType | None) -> bool:
-    """Whether a frame of SQLAlchemy is on the stack that ``frame`` ends."""
+def uninterruptible(function: F) -> F:
+    """Mark ``function``: an interrupt arriving while it runs waits until it returns."""
+    _UNINTERRUPTIBLE.add(function.__code__)
+    return function
+
+
+def in_protected_call(frame: FrameType | None) -> bool:
+    """Whether a frame of SQLAlchemy or of an :func:`uninterruptible` function is on the stack."""
     while frame is not None:
+        if frame.f_code in _UNINTERRUPTIBLE:
+            return True
         module = frame.f_globals.get("__name__", "")
         if module == DATABASE_PACKAGE or module.startswith(DATABASE_PACKAGE + "."):
             return True
@@ -41,7 +54,7 @@ def _resend(signum: int) -> None:
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    if in_database_call(frame):
+    if in_protected_call(frame):
         _resend(signum)
         return
     raise KeyboardInterrupt(signal.Signals(signum).name)
@@ -49,7 +62,7 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 @contextmanager
 def stop_signals_as_interrupt() -> Iterator[None]:
-    """Inside the block, SIGTERM and SIGINT raise KeyboardInterrupt outside database calls.
+    """Inside the block, SIGTERM and SIGINT raise KeyboardInterrupt outside protected calls.
 
     SIGINT is taken over only from Python's default handler (a caller's own handler stays);
     outside the main thread, where handlers cannot be set, nothing changes.
