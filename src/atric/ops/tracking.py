@@ -281,10 +281,14 @@ class TrackingProcess:
             self._proc.stdin.close()
         try:
             self._proc.wait(timeout)
-        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+        except KeyboardInterrupt:
             self._proc.kill()
             self._proc.wait()
             raise
+        except subprocess.TimeoutExpired:  # e.g. ending a left-behind run on a server that is down
+            self._proc.kill()
+            self._proc.wait()
+            log.warning("the MLflow logging process did not exit within %.0f s: stopped", timeout)
 
     def __enter__(self) -> TrackingProcess:
         return self
