@@ -210,7 +210,7 @@ class TrackingProcess:
         self.used = False
 
     def call(self, op: str, **args: Any) -> Any:
-        """Run ``op`` (a key of ``_OPS``) in the child; its error is raised here (``MlflowCallError``
+        """Run ``op`` (one of ``_Served.ops``) in the child; its error is raised here (``MlflowCallError``
         or the ``AtricError`` it raised)."""
         with self._lock:
             self.used = True
