@@ -327,6 +327,22 @@ def test_tracking_process_logs_into_an_ended_run_and_names_the_run_it_cannot_log
     assert unused._proc.poll() is not None
 
 
+def test_errors_in_the_tracking_process_come_back_as_the_same_kind(tmp_path: Path, store: Any) -> None:
+    """An AtricError raised in the child (a checkpoint that cannot be read while logging the model)
+    is the same one-line error here; an MLflow refusal is an MlflowCallError, not transient."""
+    from atric.errors import CheckpointError
+
+    run = store.create_run(store.create_experiment("errors"))
+    broken = tmp_path / "best.pt"
+    broken.write_bytes(b"not a checkpoint")
+    with tracking.TrackingProcess() as child:
+        with pytest.raises(CheckpointError, match=f"{broken}: not a readable atric checkpoint"):
+            child.call("log_model", run_id=run.info.run_id, best_path=str(broken))
+        with pytest.raises(tracking.MlflowCallError, match="not found") as info:
+            child.call("set_tag", run_id="0" * 32, key="k", value="v")
+    assert not tracking.is_transient(info.value) and info.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
 def test_a_run_whose_training_process_dies_is_ended_killed_by_the_tracking_process(
     tmp_path: Path, store: Any
 ) -> None:

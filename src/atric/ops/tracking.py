@@ -309,6 +309,7 @@ def _error_doc(exc: BaseException) -> dict[str, Any]:
         "message": redact(str(exc)) if atric else describe(exc),
         "transient": transient,
         "code": getattr(exc, "error_code", None),
+        "atric": atric,
     }
     if atric and exc.__cause__ is not None:
         doc["cause"] = _error_doc(exc.__cause__)
@@ -317,7 +318,8 @@ def _error_doc(exc: BaseException) -> dict[str, Any]:
 
 def _error_from_doc(doc: Mapping[str, Any]) -> Exception:
     kinds = {cls.__name__: cls for cls in (TrackingError, errors.DataError, errors.ConfigError, errors.CheckpointError)}
-    kind = kinds.get(doc["type"])
+    # Another AtricError (one line for the user, exit 2) stays one: a TrackingError with its text.
+    kind = kinds.get(doc["type"]) or (TrackingError if doc.get("atric") else None)
     if kind is None:
         return MlflowCallError(doc["message"], transient=bool(doc["transient"]), error_code=doc.get("code"))
     error = kind(doc["message"])
