@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from atric.errors import ConfigError, DataError
 from atric.model import POOLINGS, GatedEmbeddingUnit, RetrievalModel, build_pooling
+from atric.model.normalize import l2_normalize, l2_normalize_blocks
 
 DIM = 6
 LENGTHS = (5, 2, 7)  # clips of different lengths in one batch
@@ -23,11 +24,13 @@ def make_pooling(name: str, dim: int = DIM, **overrides: int) -> torch.nn.Module
     return build_pooling(name, dim, **kwargs)
 
 
-def padded_batch(clips: list[torch.Tensor], garbage: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad clips to FRAMES with zeros or with large random values (and a NaN)."""
+def padded_batch(clips: list[torch.Tensor], garbage: bool, nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad clips to FRAMES with zeros or with large random values (and a NaN unless ``nan=False``:
+    finite padding takes the poolings' path that does not copy the frames to zero it)."""
     if garbage:
         x = 100.0 * torch.randn(len(clips), FRAMES, DIM)
-        x[0, -1, 0] = float("nan")
+        if nan:
+            x[0, -1, 0] = float("nan")
     else:
         x = torch.zeros(len(clips), FRAMES, DIM)
     mask = torch.zeros(len(clips), FRAMES, dtype=torch.bool)
@@ -43,11 +46,13 @@ def random_clips(seed: int = 1) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("name", POOLINGS)
-@pytest.mark.parametrize("garbage", [False, True], ids=["zero-pad", "garbage-pad"])
-def test_padding_never_changes_the_embedding(name: str, garbage: bool) -> None:
+@pytest.mark.parametrize(
+    ("garbage", "nan"), [(False, False), (True, False), (True, True)], ids=["zero-pad", "finite-garbage-pad", "nan-garbage-pad"]
+)
+def test_padding_never_changes_the_embedding(name: str, garbage: bool, nan: bool) -> None:
     pooling = make_pooling(name).eval()
     clips = random_clips()
-    x, mask = padded_batch(clips, garbage)
+    x, mask = padded_batch(clips, garbage, nan)
     with torch.no_grad():
         batched = pooling(x, mask)
         for row, clip in enumerate(clips):
@@ -65,6 +70,8 @@ def test_training_mode_statistics_ignore_padding(name: str) -> None:
     zero_x, mask = padded_batch(clips, garbage=False)
     garbage_x, _ = padded_batch(clips, garbage=True)
     torch.testing.assert_close(pooling(zero_x, mask), pooling(garbage_x, mask), atol=1e-5, rtol=0)
+    finite_x, _ = padded_batch(clips, garbage=True, nan=False)
+    torch.testing.assert_close(pooling(zero_x, mask), pooling(finite_x, mask), atol=1e-5, rtol=0)
     # More padding (padded frames are zeroed inside, so garbage alone could not tell) must not
     # shift the batch statistics either.
     longer_x = torch.cat([garbage_x, torch.randn(len(clips), 6, DIM)], dim=1)
@@ -335,11 +342,30 @@ def test_temporal_poolings_see_the_order_of_frames(name: str, order_sensitive: b
     assert (not torch.allclose(forward, backward, atol=1e-4)) == order_sensitive
 
 
+def test_l2_normalize_blocks_equals_two_l2_normalize_calls_forward_and_backward() -> None:
+    # NetVLAD's intra- then whole-vector normalisation in one function with a folded backward:
+    # the same values and gradient as autograd through the two calls, with a zero block (clamped
+    # norm), a near-zero block and an all-zero row among them.
+    for dtype, tolerance in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+        torch.manual_seed(0)
+        x = torch.randn(4, 5, 7, dtype=dtype)
+        x[1, 2] = 0.0
+        x[2, 0] *= 1e-13
+        x[3] = 0.0
+        mine, theirs = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        out = l2_normalize_blocks(mine).reshape(4, 35)
+        expected = l2_normalize(l2_normalize(theirs).reshape(4, 35))
+        torch.testing.assert_close(out, expected, rtol=0, atol=tolerance)
+        upstream = torch.randn_like(out)
+        (out * upstream).sum().backward()
+        (expected * upstream).sum().backward()
+        for row in range(4):  # per row: a clamped norm makes a row's gradient ~1e24
+            scale = theirs.grad[row].abs().max()
+            torch.testing.assert_close(mine.grad[row] / scale, theirs.grad[row] / scale, rtol=0, atol=tolerance)
+    assert torch.autograd.gradcheck(l2_normalize_blocks, (torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True),))
+
+
 def test_l2_normalize_equals_f_normalize_forward_bitwise_and_backward_to_rounding() -> None:
-    import torch.nn.functional as F
-
-    from atric.model.normalize import l2_normalize
-
     torch.manual_seed(0)
     x = torch.randn(64, 20, 50)
     x[3] = 0.0  # zero rows: the norm is clamped, F.normalize's gradient is grad / eps there

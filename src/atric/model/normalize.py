@@ -37,3 +37,39 @@ class _L2Normalize(torch.autograd.Function):
 def l2_normalize(x: Tensor) -> Tensor:
     """``x / max(||x||, 1e-12)`` over the last dimension; zero rows stay zero."""
     return _L2Normalize.apply(x)
+
+
+class _L2NormalizeBlocks(torch.autograd.Function):
+    """y = x / (d_k G) for x [B, K, D]: d_k = max(||x_k||, EPS) per block, G = max(||x / d||, EPS)
+    over the whole row, computed from the K block norms instead of a second pass over x."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [B, K, 1]
+        denominator = norm.clamp_min(EPS)
+        block = norm / denominator  # ||x_k / d_k||: 1, or below 1 for a clamped (near-zero) block
+        whole = torch.linalg.vector_norm(block, dim=1, keepdim=True)  # [B, 1, 1]
+        whole_denominator = whole.clamp_min(EPS)
+        y = x / (denominator * whole_denominator)
+        ctx.save_for_backward(y, denominator, whole_denominator, norm > EPS, whole > EPS, block)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        y, denominator, whole_denominator, unclamped, whole_unclamped, block = ctx.saved_tensors
+        # The two projections of l2_normalize's backward, outer then per block, folded into
+        # grad * a_k - y * c_k with per-block scalars (derivation: tests/test_pooling.py checks
+        # it against autograd through two l2_normalize calls).
+        along_block = (grad * y).sum(dim=-1, keepdim=True)  # <g, y>_k
+        along = along_block.sum(dim=1, keepdim=True) * whole_unclamped  # <g, y> over the row
+        share = (block / whole_denominator) ** 2  # <y, y>_k
+        scale = 1.0 / (denominator * whole_denominator)
+        correction = (along / whole_denominator + whole_denominator * unclamped * (along_block - along * share)) / denominator
+        return torch.addcmul(grad * scale, y, correction, value=-1.0)
+
+
+def l2_normalize_blocks(x: Tensor) -> Tensor:
+    """``l2_normalize(l2_normalize(x).flatten(1))`` for x [B, K, D] (NetVLAD's intra- then
+    whole-vector normalisation), shaped like x: the same values to float rounding, the second
+    norm taken from the K block norms, and one backward pass where autograd makes eight."""
+    return _L2NormalizeBlocks.apply(x)
