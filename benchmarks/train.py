@@ -15,7 +15,9 @@ Prints one JSON document (and writes it to ``--out``):
   default; ``--clip-sampling`` adds the paper's clip batching). Reported per side: training
   captions/s (captions of the train steps / step seconds), step seconds per epoch and whole
   epoch seconds (with validation and checkpoints), and the current/baseline ratios. The first
-  epoch is left out of the means (one-off warm-up).
+  epoch is left out of the means (one-off warm-up). ``--repeats N`` runs each side N times,
+  alternating, and reports its median run (with every run's captions/s): on shared cores one run
+  can be 1.5x slower than the next.
 - ``under_load``: the same runs for ``--load-poolings`` beside a competing 2-core load that
   the benchmark starts itself (two busy processes), as loaded/idle ratios per side.
 - ``streaming``: ``--stream-clips`` AudioCaps-shaped clips written to HDF5, evicted from the
@@ -115,6 +117,12 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
         "torch_threads": run["torch_threads"],
         "omp_wait_policy": run["omp_wait_policy"],
     }
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median captions/s (the lower middle of an even count), with every run's."""
+    ordered = sorted(runs, key=lambda run: run["captions_per_s"])
+    return {**ordered[(len(ordered) - 1) // 2], "captions_per_s_of_each_run": [run["captions_per_s"] for run in runs]}
 
 
 def run_child(src: Path, params_file: Path, overrides: list[str], *, baseline: bool) -> dict[str, Any]:
@@ -287,13 +295,19 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     if sampling == "clip":
                         sides["baseline"] = worktrees["clip baseline"] / "src"
                         row["baseline_revision"] = revisions["clip baseline"]
-                    for side in ("baseline", "current"):
-                        row[side] = run_child(
-                            sides[side],
-                            sides[side].parent / "params.yaml",
-                            overrides,
-                            baseline=side == "baseline",
-                        )
+                    runs: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
+                    for _ in range(args.repeats):  # alternating, so both sides meet the same noise
+                        for side in ("baseline", "current"):
+                            runs[side].append(
+                                run_child(
+                                    sides[side],
+                                    sides[side].parent / "params.yaml",
+                                    overrides,
+                                    baseline=side == "baseline",
+                                )
+                            )
+                    for side, side_runs in runs.items():
+                        row[side] = _median_run(side_runs)
                     row["speedup_captions_per_s"] = round(
                         row["current"]["captions_per_s"] / row["baseline"]["captions_per_s"], 2
                     )
@@ -514,6 +528,9 @@ def main() -> int:
         "--epochs", type=int, default=4, help="epochs per side-by-side run (the first is not averaged)"
     )
     parser.add_argument("--poolings", nargs="+", default=list(BASE_POOLINGS))
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs per side and row, alternating; the median run is reported"
+    )
     parser.add_argument(
         "--load-poolings",
         nargs="*",
