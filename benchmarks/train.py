@@ -23,7 +23,8 @@ Prints one JSON document (and writes it to ``--out``):
 - ``streaming``: ``--stream-clips`` AudioCaps-shaped clips written to HDF5, evicted from the
   page cache (posix_fadvise DONTNEED), then streamed through the engine's own ``train_epoch``
   with ``--num-workers`` DataLoader workers: clips/s, data-wait share (target < 0.10) and
-  peak memory of the process and its workers, summed RSS and PSS (target < 4 GiB).
+  peak memory of the process and its workers, summed RSS and PSS (target < 4 GiB); and what
+  the loader alone delivers (no training step), idle and beside one busy process.
 - ``metrics``: milliseconds for the metrics of a 5,000 x 1,000 similarity matrix, both
   directions (median of 7; target < 20 ms).
 - ``load``: ``uptime`` before and after, cores, torch threads, OMP_WAIT_POLICY.
@@ -122,7 +123,8 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run with the median captions/s (the lower middle of an even count), with every run's."""
     ordered = sorted(runs, key=lambda run: run["captions_per_s"])
-    return {**ordered[(len(ordered) - 1) // 2], "captions_per_s_of_each_run": [run["captions_per_s"] for run in runs]}
+    each = [run["captions_per_s"] for run in runs]
+    return {**ordered[(len(ordered) - 1) // 2], "captions_per_s_of_each_run": each}
 
 
 def run_child(src: Path, params_file: Path, overrides: list[str], *, baseline: bool) -> dict[str, Any]:
@@ -396,6 +398,33 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "steps": args.stream_steps,
         "poolings": {},
     }
+    # The loader alone (no training step): what the workers deliver from a cold cache on idle
+    # cores and beside one busy process (the core a training thread takes).
+    out["loader_only_clips_per_s"] = {}
+    for competing in (0, 1):
+        drop_from_page_cache(feature_file)
+        data = open_split(
+            layout, "train", experts=["bench"], vectors="benchvec", max_frames={"bench": 31},
+            cache_in_ram="no",
+        )
+        loader, sampler = train_loader(
+            data, batch_size=params.train.batch_size, seed=0, num_workers=args.num_workers, device=device
+        )
+        sampler.set_epoch(3 + competing)
+        with CompetingLoad(competing):
+            batches = iter(loader)
+            for _ in range(args.stream_warmup):
+                next(batches)
+            start, clips = time.perf_counter(), 0
+            for _ in range(args.stream_steps):
+                clips += int(next(batches).clip_index.shape[0])
+            seconds = time.perf_counter() - start
+        del batches, loader
+        data.close()
+        key = "idle" if competing == 0 else "beside_1_busy_process"
+        out["loader_only_clips_per_s"][key] = round(clips / seconds, 1)
+    alone = out["loader_only_clips_per_s"]
+    print(f"streaming, the loader alone: {alone} clips/s", file=sys.stderr, flush=True)
     for pooling in args.stream_poolings:
         drop_from_page_cache(feature_file)
         data = open_split(
@@ -445,7 +474,8 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         del loader
         data.close()
         print(
-            f"streaming {pooling}: {out['poolings'][pooling]} (disk read so far {read.read_bytes / GIB:.1f} GiB)",
+            f"streaming {pooling}: {out['poolings'][pooling]} "
+            f"(the machine's disk reads so far {read.read_bytes / GIB:.1f} GiB)",
             file=sys.stderr,
             flush=True,
         )
@@ -529,7 +559,10 @@ def main() -> int:
     )
     parser.add_argument("--poolings", nargs="+", default=list(BASE_POOLINGS))
     parser.add_argument(
-        "--repeats", type=int, default=1, help="runs per side and row, alternating; the median run is reported"
+        "--repeats",
+        type=int,
+        default=1,
+        help="runs per side and row, alternating; the median run is reported",
     )
     parser.add_argument(
         "--load-poolings",
