@@ -24,7 +24,9 @@ def make_pooling(name: str, dim: int = DIM, **overrides: int) -> torch.nn.Module
     return build_pooling(name, dim, **kwargs)
 
 
-def padded_batch(clips: list[torch.Tensor], garbage: bool, nan: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def padded_batch(
+    clips: list[torch.Tensor], garbage: bool, nan: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad clips to FRAMES with zeros or with large random values (and a NaN unless ``nan=False``:
     finite padding takes the poolings' path that does not copy the frames to zero it)."""
     if garbage:
@@ -47,7 +49,9 @@ def random_clips(seed: int = 1) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("name", POOLINGS)
 @pytest.mark.parametrize(
-    ("garbage", "nan"), [(False, False), (True, False), (True, True)], ids=["zero-pad", "finite-garbage-pad", "nan-garbage-pad"]
+    ("garbage", "nan"),
+    [(False, False), (True, False), (True, True)],
+    ids=["zero-pad", "finite-garbage-pad", "nan-garbage-pad"],
 )
 def test_padding_never_changes_the_embedding(name: str, garbage: bool, nan: bool) -> None:
     pooling = make_pooling(name).eval()
@@ -361,8 +365,11 @@ def test_l2_normalize_blocks_equals_two_l2_normalize_calls_forward_and_backward(
         (expected * upstream).sum().backward()
         for row in range(4):  # per row: a clamped norm makes a row's gradient ~1e24
             scale = theirs.grad[row].abs().max()
-            torch.testing.assert_close(mine.grad[row] / scale, theirs.grad[row] / scale, rtol=0, atol=tolerance)
-    assert torch.autograd.gradcheck(l2_normalize_blocks, (torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True),))
+            torch.testing.assert_close(
+                mine.grad[row] / scale, theirs.grad[row] / scale, rtol=0, atol=tolerance
+            )
+    double = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(l2_normalize_blocks, (double,))
 
 
 def test_l2_normalize_equals_f_normalize_forward_bitwise_and_backward_to_rounding() -> None:

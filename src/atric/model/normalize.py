@@ -64,7 +64,8 @@ class _L2NormalizeBlocks(torch.autograd.Function):
         along = along_block.sum(dim=1, keepdim=True) * whole_unclamped  # <g, y> over the row
         share = (block / whole_denominator) ** 2  # <y, y>_k
         scale = 1.0 / (denominator * whole_denominator)
-        correction = (along / whole_denominator + whole_denominator * unclamped * (along_block - along * share)) / denominator
+        within = whole_denominator * unclamped * (along_block - along * share)
+        correction = (along / whole_denominator + within) / denominator
         return torch.addcmul(grad * scale, y, correction, value=-1.0)
 
 
