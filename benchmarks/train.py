@@ -398,15 +398,19 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "steps": args.stream_steps,
         "poolings": {},
     }
+    def cold_split() -> Any:
+        """The streamed train split, its file evicted from the page cache first."""
+        drop_from_page_cache(feature_file)
+        return open_split(
+            layout, "train", experts=["bench"], vectors="benchvec", max_frames={"bench": 31},
+            cache_in_ram="no",
+        )
+
     # The loader alone (no training step): what the workers deliver from a cold cache on idle
     # cores and beside one busy process (the core a training thread takes).
     out["loader_only_clips_per_s"] = {}
     for competing in (0, 1):
-        drop_from_page_cache(feature_file)
-        data = open_split(
-            layout, "train", experts=["bench"], vectors="benchvec", max_frames={"bench": 31},
-            cache_in_ram="no",
-        )
+        data = cold_split()
         loader, sampler = train_loader(
             data, batch_size=params.train.batch_size, seed=0, num_workers=args.num_workers, device=device
         )
@@ -426,15 +430,7 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     alone = out["loader_only_clips_per_s"]
     print(f"streaming, the loader alone: {alone} clips/s", file=sys.stderr, flush=True)
     for pooling in args.stream_poolings:
-        drop_from_page_cache(feature_file)
-        data = open_split(
-            layout,
-            "train",
-            experts=["bench"],
-            vectors="benchvec",
-            max_frames={"bench": 31},
-            cache_in_ram="no",
-        )
+        data = cold_split()
         tp = params.train.model_copy(update={"pooling": pooling, "experts": ["bench"]})
         torch.manual_seed(0)
         model = build_model(tp, data.expert_dims, data.text_dim).to(device)

@@ -58,8 +58,8 @@ class _L2NormalizeBlocks(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         y, denominator, whole_denominator, unclamped, whole_unclamped, block = ctx.saved_tensors
         # The two projections of l2_normalize's backward, outer then per block, folded into
-        # grad * a_k - y * c_k with per-block scalars (derivation: tests/test_pooling.py checks
-        # it against autograd through two l2_normalize calls).
+        # grad * a_k - y * c_k with per-block scalars (tests/test_pooling.py checks it against
+        # autograd through two l2_normalize calls).
         along_block = (grad * y).sum(dim=-1, keepdim=True)  # <g, y>_k
         along = along_block.sum(dim=1, keepdim=True) * whole_unclamped  # <g, y> over the row
         share = (block / whole_denominator) ** 2  # <y, y>_k
