@@ -33,8 +33,9 @@ data/raw: | venv
 		$(BIN)/python src/synthesize.py; \
 	fi
 
+# The pipeline: `dvc repro` with independent stages side by side (src/repro.py; --jobs 1 is plain dvc repro).
 run: venv data/raw
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python src/repro.py
 	$(BIN)/dvc metrics show
 
 ui: venv

@@ -1,13 +1,15 @@
 """The default pipeline from a fresh clone, stage by stage, idle and under load (issue #17).
 
-    python benchmarks/pipeline.py [--rev HEAD] [--load-processes 2] [--out benchmarks/results/pipeline.json]
+    python benchmarks/pipeline.py [--rev HEAD] [--serial] [--load-processes 2] [--out benchmarks/results/pipeline.json]
 
 Clones this repository at ``--rev`` into a temporary folder and there runs what ``make run`` runs:
 ``make venv`` (the install, timed but not counted), ``make data/raw`` (the corpus), then
-``dvc repro``; then ``dvc repro -f`` once more beside ``--load-processes`` busy processes (another
-job on the same cores, as ``benchmarks/train.py`` starts them). A stage's time runs from DVC's
-``Running stage`` line to the next one (so DVC's own bookkeeping after a command is counted with
-its stage). Prints and writes JSON: per stage and per stage kind, totals, ``uptime`` around each run.
+``python src/repro.py`` (independent stages side by side; ``dvc repro`` in revisions before it);
+with ``--serial`` every stage again one at a time (``--jobs 1``, plain ``dvc repro``); then once
+more beside ``--load-processes`` busy processes (another job on the same cores, as
+``benchmarks/train.py`` starts them). A stage's time runs from DVC's ``Running stage`` line to
+the next one of its DVC call (so DVC's own bookkeeping after a command is counted with its stage).
+Prints and writes JSON: per stage and per stage kind, totals, CPU seconds, ``uptime`` around each run.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,10 +47,22 @@ def _timed(command: list[str], work: Path) -> float:
     return round(time.monotonic() - started, 1)
 
 
-def repro(work: Path, *, force: bool) -> dict[str, Any]:
-    """``dvc repro`` in ``work``; seconds per stage from the times its lines arrive."""
-    command = [str(work / ".venv" / "bin" / "dvc"), "repro", *(["-f"] if force else [])]
+def repro(work: Path, *, force: bool, jobs: int | None = None) -> dict[str, Any]:
+    """What ``make run`` runs in ``work`` (``src/repro.py``; ``dvc repro`` in revisions before it),
+    with ``jobs`` stages at once (None: its default). Seconds per stage: the runner's own timings
+    (from a stage's ``Running stage`` line to the next line of that kind in its DVC call, or to the
+    call's end), the same rule this benchmark applied to ``dvc repro``'s lines before."""
+    runner = work / "src" / "repro.py"
+    timings = work / "repro-timings.json"
+    if runner.exists():
+        command = [str(work / ".venv" / "bin" / "python"), str(runner), "--timings", str(timings)]
+        command += [*(["--force"] if force else []), *(["--jobs", str(jobs)] if jobs is not None else [])]
+    elif jobs in (None, 1):
+        command = [str(work / ".venv" / "bin" / "dvc"), "repro", *(["-f"] if force else [])]
+    else:
+        raise SystemExit(f"{work}: this revision has no src/repro.py, so no --jobs {jobs}")
     before = uptime()
+    cpu_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.monotonic()
     starts: list[tuple[str, float]] = []
     with subprocess.Popen(
@@ -62,18 +77,27 @@ def repro(work: Path, *, force: bool) -> dict[str, Any]:
     if proc.returncode:
         raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode}")
     total = time.monotonic() - started
-    stages: dict[str, float] = {}
-    for (name, begin), (_, end) in zip(starts, [*starts[1:], ("", total)]):
-        stages[name] = round(end - begin, 1)
+    cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if runner.exists():
+        recorded = json.loads(timings.read_text())
+        stages: dict[str, float] = recorded["stages_s"]
+        jobs = recorded["jobs"]
+    else:
+        stages = {name: round(end - begin, 1) for (name, begin), (_, end) in zip(starts, [*starts[1:], ("", total)])}
+        jobs = 1
     kinds: dict[str, float] = {}
     for name, seconds in stages.items():
         kind = name.split("@")[0]
         kinds[kind] = round(kinds.get(kind, 0.0) + seconds, 1)
+    cpu = (cpu_after.ru_utime - cpu_before.ru_utime) + (cpu_after.ru_stime - cpu_before.ru_stime)
     return {
-        "command": " ".join(command[1:]),
+        "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(command)),
+        "jobs": jobs,
         "uptime_before": before,
         "uptime_after": uptime(),
         "total_s": round(total, 1),
+        # CPU seconds of every process it ran: over the cores, the least time any schedule could take
+        "cpu_s": round(cpu, 1),
         "stages_run": len(stages),
         "by_kind_s": kinds,
         "stages_s": stages,
@@ -85,6 +109,9 @@ def main() -> int:
     parser.add_argument("--rev", default="HEAD", help="the revision to clone (default: HEAD)")
     parser.add_argument("--load-processes", type=int, default=2, help="busy processes of the loaded run (0: none)")
     parser.add_argument("--workdir", help="clone here and keep it (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--serial", action="store_true", help="also run every stage again one at a time (--jobs 1: plain dvc repro)"
+    )
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pipeline.json"))
     args = parser.parse_args()
 
@@ -108,6 +135,9 @@ def main() -> int:
         report["idle_corpus_and_repro_s"] = round(report["corpus_s"] + report["idle"]["total_s"], 1)
         report["goal_s"] = GOAL_SECONDS
         report["goal_met_idle"] = report["idle_corpus_and_repro_s"] < GOAL_SECONDS
+        if args.serial:  # the same stages one at a time (plain dvc repro), right after, on the same machine
+            report["idle_serial"] = repro(work, force=True, jobs=1)
+            report["serial_over_parallel"] = round(report["idle_serial"]["total_s"] / report["idle"]["total_s"], 2)
         if args.load_processes:
             with CompetingLoad(args.load_processes):
                 report["loaded"] = repro(work, force=True)

@@ -16,8 +16,8 @@ if [ -n "${DVC_JOBS:-}" ]; then jobs=(--jobs "$DVC_JOBS"); fi
 echo "== dvc pull"
 dvc pull "${jobs[@]}" || echo "dvc pull incomplete: dvc repro rebuilds what is missing"
 
-echo "== dvc repro"
-dvc repro
+echo "== python src/repro.py (dvc repro, independent stages side by side)"
+python src/repro.py
 
 echo "== dvc push"
 dvc push "${jobs[@]}"

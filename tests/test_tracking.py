@@ -368,3 +368,28 @@ def test_a_run_whose_training_process_dies_is_ended_killed_by_the_tracking_proce
     assert run.info.status == "KILLED"
     assert run.data.tags[tracking.FAILURE_TAG] == "the training process ended without closing its run"
     assert run.data.params == {"a": "1"}
+
+
+OPEN_STORE = """
+import os, sys, time
+from atric.ops import tracking
+tracking.configure()
+while time.time() < float(sys.argv[1]):  # every process starts at the same moment
+    time.sleep(0.001)
+print(tracking.experiment_id("together"))
+"""
+
+
+def test_stages_started_together_on_a_new_local_store_share_one_experiment(tmp_path: Path) -> None:
+    """src/repro.py starts train stages side by side: on a fresh clone the first two both find no
+    store and no experiment; both must get the one experiment, neither may fail making tables."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"}
+    start_at = str(time.time() + 8)  # after both have imported MLflow
+    procs = [
+        subprocess.Popen([sys.executable, "-c", OPEN_STORE, start_at], cwd=tmp_path, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        for _ in range(3)
+    ]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    assert len({out.strip() for out, _ in outputs}) == 1

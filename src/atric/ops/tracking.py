@@ -77,13 +77,38 @@ def display_uri() -> str:
     return redact(tracking_uri())
 
 
+def local_store_path() -> Path | None:
+    """The SQLite file of a local store (``sqlite:///relative`` or ``sqlite:////absolute``), else None."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///") or uri == "sqlite:///:memory:":
+        return None
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+@contextmanager
+def store_lock() -> Iterator[None]:
+    """Held while a local SQLite store is opened (MLflow makes its tables on first use) and while
+    an experiment is found or made: stages started together (``src/repro.py`` runs them side by
+    side) would otherwise both create them, and one would fail. A server serialises this itself."""
+    path = local_store_path()
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        yield
+
+
 def configure() -> str:
     """Point MLflow at the configured store; the local store's folder is created on demand."""
     import mlflow
 
     uri = tracking_uri()
-    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    path = local_store_path()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     # Fail within seconds, not minutes, when a server is down (MLflow's default retries for ~2 min).
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -96,19 +121,20 @@ def experiment_id(name: str) -> str:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
     try:
-        existing = client.get_experiment_by_name(name)
-        if existing is not None:
-            return existing.experiment_id
-        location = None
-        if tracking_uri().startswith("sqlite:"):
-            ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
-            location = ARTIFACTS_DIR.resolve().as_uri()
-        # The "model training" kind makes the UI open on the runs table, not the GenAI overview.
-        return client.create_experiment(
-            name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
-        )
+        with store_lock():
+            client = MlflowClient()
+            existing = client.get_experiment_by_name(name)
+            if existing is not None:
+                return existing.experiment_id
+            location = None
+            if tracking_uri().startswith("sqlite:"):
+                ARTIFACTS_DIR.mkdir(parents=True, exist_ok=True)
+                location = ARTIFACTS_DIR.resolve().as_uri()
+            # The "model training" kind makes the UI open on the runs table, not the GenAI overview.
+            return client.create_experiment(
+                name, artifact_location=location, tags={"mlflow.experimentKind": "custom_model_development"}
+            )
     except MlflowException as exc:
         raise TrackingError(f"MLflow at {display_uri()}: {exc.message}") from exc
 
@@ -770,7 +796,8 @@ def _serve(preload_model: bool) -> int:
         from mlflow import MlflowClient
 
         configure()
-        MlflowClient()  # opens the store (the SQLite schema check) before the first request
+        with store_lock():
+            MlflowClient()  # opens the store (the SQLite schema check) before the first request
         if preload_model:  # what log_model needs, so that the end of a stage does not wait for it
             import mlflow.pyfunc  # noqa: F401
             import mlflow.pytorch  # noqa: F401
