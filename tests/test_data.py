@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 from pathlib import Path
 
 import h5py
@@ -17,8 +18,10 @@ import fakes
 from atric.data import (
     DEFAULT_MAX_FRAMES,
     LENGTH_PERCENTILE,
+    BackgroundLoader,
     EpochSampler,
     TrainBatches,
+    batch_as_is,
     open_split,
     pad_frames,
     split_batch,
@@ -191,6 +194,66 @@ def test_direct_reads_check_values_and_refuse_a_replaced_file(tmp_path: Path) ->
     fakes.write_fake_layout(tmp_path, clips={"train": 4, "val": 2, "test": 2}, seed=1)  # a new extraction
     with pytest.raises(DataError, match=r"fa\.h5: the file changed while its split was open"):
         data.experts["fa"].frames(0)
+    data.close()
+
+
+class _Recorded(TrainBatches):
+    """TrainBatches that note the thread each batch was built in."""
+
+    threads: list[str]
+
+    def __getitem__(self, items):  # type: ignore[no-untyped-def]
+        self.threads.append(threading.current_thread().name)
+        return super().__getitem__(items)
+
+
+def _background_and_plain(data, seed: int = 5):  # type: ignore[no-untyped-def]
+    from torch.utils.data import BatchSampler
+
+    dataset = _Recorded(data)
+    dataset.threads = []
+    sampler = EpochSampler(len(dataset), seed)
+    common = {"batch_size": None, "sampler": BatchSampler(sampler, 8, drop_last=True), "collate_fn": batch_as_is}
+    return dataset, sampler, BackgroundLoader(dataset, **common), DataLoader(dataset, **common)
+
+
+@pytest.mark.parametrize("cache", ["yes", "no"])
+def test_background_loader_builds_the_same_batches_in_another_thread(layout: Layout, cache: str) -> None:
+    data = _open(layout, cache_in_ram=cache)
+    dataset, sampler, background, plain = _background_and_plain(data)
+    sampler.set_epoch(2)
+    expected = list(plain)
+    assert set(dataset.threads) == {threading.current_thread().name}
+    dataset.threads.clear()
+    got = list(background)
+    assert len(got) == len(expected) == len(background) == 60 // 8
+    for a, b in zip(got, expected, strict=True):
+        assert torch.equal(a.audio["fa"][0], b.audio["fa"][0]) and torch.equal(a.words, b.words)
+        assert torch.equal(a.clip_index, b.clip_index) and torch.equal(a.caption_clip, b.caption_clip)
+    assert set(dataset.threads) == {"atric-batches"}
+    data.close()
+
+
+def test_background_loader_raises_the_threads_error_and_stops_when_left(tmp_path: Path) -> None:
+    other = fakes.write_fake_layout(tmp_path, clips={"train": 12, "val": 2, "test": 2})
+    with h5py.File(other.features_path("fa", "train"), "r+") as h5:
+        h5["train_007"][1, 0] = np.inf
+    data = _open(other, cache_in_ram="no")
+    _, sampler, background, _ = _background_and_plain(data)
+    sampler.set_epoch(1)
+    with pytest.raises(DataError, match=r"fa\.h5:train_007: features contain"):
+        list(background)  # clip 7 is in one of the epoch's batches
+    assert not [t for t in threading.enumerate() if t.name == "atric-batches"]
+    # A consumer that stops early (a max_steps, an error in its step) stops the thread with it.
+    with h5py.File(other.features_path("fa", "train"), "r+") as h5:
+        h5["train_007"][1, 0] = 0.0
+    data = _open(other, cache_in_ram="no")
+    _, sampler, background, _ = _background_and_plain(data)
+    batches = iter(background)
+    next(batches)
+    assert [t for t in threading.enumerate() if t.name == "atric-batches"]
+    batches.close()  # what `del iterator` in train_epoch does
+    assert not [t for t in threading.enumerate() if t.name == "atric-batches"]
     data.close()
 
 

@@ -133,7 +133,7 @@ def test_retrain_reproduces_the_pipeline_and_prints_the_metrics_diff(
     retrained: tuple[Path, dict[str, str], str],
 ) -> None:
     work, env, out = retrained
-    assert "== dvc pull" in out and "== dvc repro" in out and "== dvc push" in out
+    assert "== dvc pull" in out and "== python src/repro.py" in out and "== dvc push" in out
     for run in RUNS:
         assert f"Running stage '{TRAIN_STAGE[run]}'" in out
         assert json.loads((work / "metrics" / "test" / f"{run}.json").read_text())["t2a_R10"] >= 0

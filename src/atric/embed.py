@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from atric.data import ClipCollate, ClipDataset, SplitData, collate_words, pad_frames
+from atric.data import BackgroundLoader, ClipCollate, ClipDataset, SplitData, collate_words, pad_frames
 from atric.model import RetrievalModel
 from atric.precision import FP32, Precision
 
@@ -23,9 +23,9 @@ AudioEmbeddings = dict[str, Tensor]  # expert -> [N, E] float32, unit norm
 
 def clip_loader(
     data: SplitData, *, batch_size: int, num_workers: int = 0, device: torch.device, time_reversed: bool = False
-) -> DataLoader:
+) -> BackgroundLoader:
     """Every clip of ``data`` once, in index order, padded/cut to the split's lengths."""
-    return DataLoader(
+    return BackgroundLoader(
         ClipDataset(data, time_reversed),
         batch_size=batch_size,
         collate_fn=ClipCollate(data.max_frames),

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from atric.atomic import write_json_atomic
 from atric.config import Params
-from atric.data import Batch, EpochSampler, SplitData, TrainBatches, batch_as_is, open_split
+from atric.data import BackgroundLoader, Batch, EpochSampler, SplitData, TrainBatches, batch_as_is, open_split
 from atric.device import configure_threads, resolve_device
 from atric.engine.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -85,15 +85,16 @@ def train_loader(
     num_workers: int,
     device: torch.device,
     sampling: str = "pairs",
-) -> tuple[DataLoader, EpochSampler]:
+) -> tuple[BackgroundLoader, EpochSampler]:
     """The train split shuffled by (seed, epoch): (clip, caption) pairs, or clips with all their
     captions (``sampling="clip"``). Incomplete last batches are dropped so every step sees the same
     batch size (and BatchNorm never sees a single row). Each batch is built whole from the items
     the sampler draws (``TrainBatches``): gathered from the cache of a split cached in RAM, read
-    into it from the files of a streamed one."""
+    into it from the files of a streamed one; by a background thread without workers
+    (``BackgroundLoader``)."""
     dataset = TrainBatches(data, sampling)
     sampler = EpochSampler(len(dataset), seed)
-    loader = DataLoader(
+    loader = BackgroundLoader(
         dataset,
         batch_size=None,  # the sampler draws whole batches
         sampler=BatchSampler(sampler, min(batch_size, len(dataset)), drop_last=True),
