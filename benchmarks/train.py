@@ -22,9 +22,11 @@ Prints one JSON document (and writes it to ``--out``):
   the benchmark starts itself (two busy processes), as loaded/idle ratios per side.
 - ``streaming``: ``--stream-clips`` AudioCaps-shaped clips written to HDF5, evicted from the
   page cache (posix_fadvise DONTNEED), then streamed through the engine's own ``train_epoch``
-  with ``--num-workers`` DataLoader workers: clips/s, data-wait share (target < 0.10) and
-  peak memory of the process and its workers, summed RSS and PSS (target < 4 GiB); and what
-  the loader alone delivers (no training step), idle and beside one busy process.
+  for each ``--num-workers`` value (0, the default: a background thread builds the batches;
+  2: DataLoader worker processes): clips/s, data-wait share (target < 0.10) and peak memory of
+  the process and its workers, summed RSS and PSS (target < 4 GiB); and what the loader alone
+  delivers (no training step), idle and beside one busy process. ``--stream-dir`` keeps the
+  clips (12.7 GB at AudioCaps size) for the next run.
 - ``metrics``: milliseconds for the metrics of a 5,000 x 1,000 similarity matrix, both
   directions (median of 7; target < 20 ms).
 - ``load``: ``uptime`` before and after, cores, torch threads, OMP_WAIT_POLICY.
@@ -378,12 +380,14 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from atric.layout import Layout
     from atric.precision import Precision
 
-    root = work / "stream-data"
-    t0 = time.perf_counter()
-    write_audiocaps_shaped(root, args.stream_clips, 8, 31, 2048, 300)
-    write_s = time.perf_counter() - t0
+    root = Path(args.stream_dir) if args.stream_dir else work / "stream-data"
     layout = Layout("BenchCaps", root)
     feature_file = layout.features_path("bench", "train")
+    t0 = time.perf_counter()
+    expected_bytes = args.stream_clips * 31 * 2048 * 4
+    if not (feature_file.exists() and expected_bytes <= feature_file.stat().st_size < 1.1 * expected_bytes):
+        write_audiocaps_shaped(root, args.stream_clips, 8, 31, 2048, 300)  # else: written by an earlier run
+    write_s = time.perf_counter() - t0
     params = load_params(ROOT / "params.yaml")
     device = resolve_device(args.device)
     threads = configure_threads(params.train.threads)  # as train() does
@@ -394,10 +398,10 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "dim": 2048,
         "file_gib": round(feature_file.stat().st_size / GIB, 2),
         "write_s": round(write_s, 1),
-        "num_workers": args.num_workers,
         "steps": args.stream_steps,
-        "poolings": {},
+        "by_num_workers": {},
     }
+
     def cold_split() -> Any:
         """The streamed train split, its file evicted from the page cache first."""
         drop_from_page_cache(feature_file)
@@ -406,75 +410,79 @@ def streaming(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             cache_in_ram="no",
         )
 
-    # The loader alone (no training step): what the workers deliver from a cold cache on idle
-    # cores and beside one busy process (the core a training thread takes).
-    out["loader_only_clips_per_s"] = {}
-    for competing in (0, 1):
-        data = cold_split()
-        loader, sampler = train_loader(
-            data, batch_size=params.train.batch_size, seed=0, num_workers=args.num_workers, device=device
-        )
-        sampler.set_epoch(3 + competing)
-        with CompetingLoad(competing):
-            batches = iter(loader)
-            for _ in range(args.stream_warmup):
-                next(batches)
-            start, clips = time.perf_counter(), 0
-            for _ in range(args.stream_steps):
-                clips += int(next(batches).clip_index.shape[0])
-            seconds = time.perf_counter() - start
-        del batches, loader
-        data.close()
-        key = "idle" if competing == 0 else "beside_1_busy_process"
-        out["loader_only_clips_per_s"][key] = round(clips / seconds, 1)
-    alone = out["loader_only_clips_per_s"]
-    print(f"streaming, the loader alone: {alone} clips/s", file=sys.stderr, flush=True)
-    for pooling in args.stream_poolings:
-        data = cold_split()
-        tp = params.train.model_copy(update={"pooling": pooling, "experts": ["bench"]})
-        torch.manual_seed(0)
-        model = build_model(tp, data.expert_dims, data.text_dim).to(device)
-        loss_fn = build_loss(tp).to(device)
-        optimizer = build_optimizer(tp, model, loss_fn)
-        loader, sampler = train_loader(
-            data, batch_size=tp.batch_size, seed=0, num_workers=args.num_workers, device=device
-        )
-        step = functools.partial(
-            train_epoch,
-            model=model,
-            loss_fn=loss_fn,
-            optimizer=optimizer,
-            loader=loader,
-            device=device,
-            precision=Precision.create(tp.precision, device),
-            epoch=1,
-            epochs=1,
-            run_name=f"stream-{pooling}",
-            last_path=work / "none.pt",
-        )
-        with PeakMemory() as memory:
-            # Worker start-up and first batches, on other clips than the measured ones (epoch 1
-            # shuffles differently), so the measured steps read only uncached clips.
-            sampler.set_epoch(1)
-            step(max_steps=args.stream_warmup)
-            sampler.set_epoch(2)
-            _, busy, wait, clips = step(max_steps=args.stream_steps)
-        read = psutil.disk_io_counters()
-        out["poolings"][pooling] = {
-            "clips_per_s": round(clips / busy, 1),
-            "data_wait_fraction": round(wait / busy, 4),
-            "peak_rss_gib": round(memory.peak_rss / GIB, 3),
-            "peak_pss_gib": round(memory.peak_pss / GIB, 3),
-            "seconds": round(busy, 1),
-        }
-        del loader
-        data.close()
-        print(
-            f"streaming {pooling}: {out['poolings'][pooling]} "
-            f"(the machine's disk reads so far {read.read_bytes / GIB:.1f} GiB)",
-            file=sys.stderr,
-            flush=True,
-        )
+    # num_workers 0 is the default: one background thread of the training process builds the
+    # batches (atric.data.BackgroundLoader); N > 0 are DataLoader worker processes.
+    for workers in args.num_workers:
+        side: dict[str, Any] = {"loader_only_clips_per_s": {}, "poolings": {}}
+        out["by_num_workers"][str(workers)] = side
+        # The loader alone (no training step): what it delivers from a cold cache on idle cores
+        # and beside one busy process (the core a training thread takes).
+        for competing in (0, 1):
+            data = cold_split()
+            loader, sampler = train_loader(
+                data, batch_size=params.train.batch_size, seed=0, num_workers=workers, device=device
+            )
+            sampler.set_epoch(3 + competing)
+            with CompetingLoad(competing):
+                batches = iter(loader)
+                for _ in range(args.stream_warmup):
+                    next(batches)
+                start, clips = time.perf_counter(), 0
+                for _ in range(args.stream_steps):
+                    clips += int(next(batches).clip_index.shape[0])
+                seconds = time.perf_counter() - start
+            del batches, loader
+            data.close()
+            key = "idle" if competing == 0 else "beside_1_busy_process"
+            side["loader_only_clips_per_s"][key] = round(clips / seconds, 1)
+        alone = side["loader_only_clips_per_s"]
+        print(f"streaming, {workers} workers, the loader alone: {alone} clips/s", file=sys.stderr, flush=True)
+        for pooling in args.stream_poolings:
+            data = cold_split()
+            tp = params.train.model_copy(update={"pooling": pooling, "experts": ["bench"]})
+            torch.manual_seed(0)
+            model = build_model(tp, data.expert_dims, data.text_dim).to(device)
+            loss_fn = build_loss(tp).to(device)
+            optimizer = build_optimizer(tp, model, loss_fn)
+            loader, sampler = train_loader(
+                data, batch_size=tp.batch_size, seed=0, num_workers=workers, device=device
+            )
+            step = functools.partial(
+                train_epoch,
+                model=model,
+                loss_fn=loss_fn,
+                optimizer=optimizer,
+                loader=loader,
+                device=device,
+                precision=Precision.create(tp.precision, device),
+                epoch=1,
+                epochs=1,
+                run_name=f"stream-{pooling}",
+                last_path=work / "none.pt",
+            )
+            with PeakMemory() as memory:
+                # Start-up and first batches, on other clips than the measured ones (epoch 1
+                # shuffles differently), so the measured steps read only uncached clips.
+                sampler.set_epoch(1)
+                step(max_steps=args.stream_warmup)
+                sampler.set_epoch(2)
+                _, busy, wait, clips = step(max_steps=args.stream_steps)
+            read = psutil.disk_io_counters()
+            side["poolings"][pooling] = {
+                "clips_per_s": round(clips / busy, 1),
+                "data_wait_fraction": round(wait / busy, 4),
+                "peak_rss_gib": round(memory.peak_rss / GIB, 3),
+                "peak_pss_gib": round(memory.peak_pss / GIB, 3),
+                "seconds": round(busy, 1),
+            }
+            del loader
+            data.close()
+            print(
+                f"streaming {pooling}, {workers} workers: {side['poolings'][pooling]} "
+                f"(the machine's disk reads so far {read.read_bytes / GIB:.1f} GiB)",
+                file=sys.stderr,
+                flush=True,
+            )
     return out
 
 
@@ -580,7 +588,11 @@ def main() -> int:
     parser.add_argument("--stream-steps", type=int, default=60)
     parser.add_argument("--stream-warmup", type=int, default=3, help="unmeasured steps first (workers start)")
     parser.add_argument("--stream-poolings", nargs="+", default=["mean", "netvlad"])
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers when streaming")
+    parser.add_argument(
+        "--num-workers", type=int, nargs="+", default=[0, 2],
+        help="train.num_workers values compared when streaming (0: the default background thread)",
+    )  # fmt: skip
+    parser.add_argument("--stream-dir", help="keep the streamed clips here and reuse them (default: a temp folder)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tmp-dir", default=None, help="where benchmark data goes (default: system temp)")
     parser.add_argument("--out", type=Path, default=RESULTS)
