@@ -78,9 +78,11 @@ def repro(work: Path, *, force: bool, jobs: int | None = None) -> dict[str, Any]
         raise SystemExit(f"{' '.join(command)} failed with exit code {proc.returncode}")
     total = time.monotonic() - started
     cpu_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started_at: dict[str, float] = {}
     if runner.exists():
         recorded = json.loads(timings.read_text())
         stages: dict[str, float] = recorded["stages_s"]
+        started_at = recorded.get("started_at_s", {})
         jobs = recorded["jobs"]
     else:
         stages = {name: round(end - begin, 1) for (name, begin), (_, end) in zip(starts, [*starts[1:], ("", total)])}
@@ -101,6 +103,7 @@ def repro(work: Path, *, force: bool, jobs: int | None = None) -> dict[str, Any]
         "stages_run": len(stages),
         "by_kind_s": kinds,
         "stages_s": stages,
+        **({"started_at_s": started_at} if started_at else {}),
     }
 
 

@@ -132,6 +132,8 @@ def test_independent_stages_run_side_by_side_and_the_result_is_dvc_repro_s(tmp_p
     assert "b | Running stage 'b'" in done.stdout and "e | Running stage 'e'" in done.stdout
     timings = json.loads((root / "t.json").read_text())
     assert timings["jobs"] == 2 and set(timings["stages_s"]) == set("abcde") and timings["stages_s"]["b"] >= 2.0
+    started = timings["started_at_s"]
+    assert started["a"] < started["b"] and abs(started["b"] - started["c"]) < 2.0 and started["d"] < started["e"]
     assert "Data and pipelines are up to date" in _dvc_status(root)
     lock = yaml.safe_load((root / "dvc.lock").read_text())
     assert set(lock["stages"]) == set("abcde")

@@ -179,6 +179,10 @@ class StageTimes:
         """Seconds per stage that ran (DVC's bookkeeping after a command counts with its stage)."""
         return {stage: round(self.ended[stage] - start, 1) for stage, start in self.started.items() if stage in self.ended}
 
+    def offsets(self, origin: float) -> dict[str, float]:
+        """When each stage started, in seconds after ``origin`` (which stages ran side by side)."""
+        return {stage: round(start - origin, 1) for stage, start in self.started.items()}
+
 
 class _Call:
     """One ``dvc repro`` process: its lines go to ``out`` with the stage they belong to, its exit
@@ -363,6 +367,10 @@ def reproduce(
 
         total = round(time.monotonic() - started, 1)
         write_json_atomic(
-            timings, {"jobs": jobs, "exit_code": outcome.code, "total_s": total, "stages_s": outcome.times.seconds()}
-        )
+            timings,
+            {
+                "jobs": jobs, "exit_code": outcome.code, "total_s": total,
+                "stages_s": outcome.times.seconds(), "started_at_s": outcome.times.offsets(started),
+            },
+        )  # fmt: skip
     return outcome.code
