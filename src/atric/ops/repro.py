@@ -63,10 +63,6 @@ class Task:
     after: frozenset[int]  # indices of the tasks this one waits for
     downstream: int  # stages downstream of this task's stages (its scheduling priority)
 
-    @property
-    def name(self) -> str:
-        return self.stages[0] if len(self.stages) == 1 else f"{self.stages[0]} (+{len(self.stages) - 1})"
-
 
 def upstream_closure(deps: Mapping[str, set[str]]) -> dict[str, set[str]]:
     """Every stage each stage depends on, directly or not."""
