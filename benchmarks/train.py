@@ -14,7 +14,9 @@ Prints one JSON document (and writes it to ``--out``):
   in subprocesses, interleaved, on identical data and params (``train.sampling`` pairs, the
   default; ``--clip-sampling`` adds the paper's clip batching). Reported per side: training
   captions/s (captions of the train steps / step seconds), step seconds per epoch and whole
-  epoch seconds (with validation and checkpoints), and the current/baseline ratios. The first
+  epoch seconds (with validation and checkpoints), the process's CPU seconds per whole epoch
+  (every thread, busy-waiting ones too) and training captions per CPU second (what a shared
+  machine running several trials gets out of its cores), and the current/baseline ratios. The first
   epoch is left out of the means (one-off warm-up). ``--repeats N`` runs each side N times,
   alternating, and reports its median run (with every run's captions/s): on shared cores one run
   can be 1.5x slower than the next.
@@ -79,15 +81,18 @@ def child(args: argparse.Namespace) -> int:
     items = clips if sampling == "clip" else captions
     batch = min(tp.batch_size, items)
     train_captions = (items // batch) * batch if sampling == "pairs" else None
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     epoch_ends: list[float] = []
+    epoch_cpu_ends: list[float] = []
 
     class Clock:
         def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
             epoch_ends.append(time.perf_counter())
+            epoch_cpu_ends.append(time.process_time())  # every thread of the process, spinning ones too
 
     result = train(params, restart=True, callbacks=[Clock()])
     whole = [b - a for a, b in zip([start, *epoch_ends[:-1]], epoch_ends)]
+    cpu = [b - a for a, b in zip([cpu_start, *epoch_cpu_ends[:-1]], epoch_cpu_ends)]
     steps = result.epoch_seconds
     if train_captions is None:  # clip sampling: every caption of each drawn clip
         per_clip = captions / clips
@@ -101,6 +106,7 @@ def child(args: argparse.Namespace) -> int:
                 "train_captions_per_epoch": train_captions,
                 "step_seconds": steps,
                 "epoch_seconds": whole,
+                "epoch_cpu_seconds": cpu,
                 "data_wait_fraction": result.data_wait_fraction,
             }
         )
@@ -112,10 +118,13 @@ def _summary(run: dict[str, Any]) -> dict[str, Any]:
     steady = slice(1, None) if run["epochs"] > 1 else slice(None)
     step = statistics.mean(run["step_seconds"][steady])
     whole = statistics.mean(run["epoch_seconds"][steady])
+    cpu = statistics.mean(run["epoch_cpu_seconds"][steady])
     return {
         "captions_per_s": round(run["train_captions_per_epoch"] / step, 1),
         "step_seconds_per_epoch": round(step, 3),
         "epoch_seconds": round(whole, 3),
+        "epoch_cpu_seconds": round(cpu, 3),
+        "captions_per_cpu_second": round(run["train_captions_per_epoch"] / cpu, 1),
         "data_wait_fraction": round(statistics.mean(run["data_wait_fraction"][steady]), 4),
         "torch_threads": run["torch_threads"],
         "omp_wait_policy": run["omp_wait_policy"],
@@ -318,10 +327,13 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                     row["speedup_epoch_seconds"] = round(
                         row["baseline"]["epoch_seconds"] / row["current"]["epoch_seconds"], 2
                     )
+                    per_cpu_s = [row[side]["captions_per_cpu_second"] for side in ("current", "baseline")]
+                    row["speedup_captions_per_cpu_second"] = round(per_cpu_s[0] / per_cpu_s[1], 2)
                     out[name][key] = row
                     print(
                         f"{name} {key}: x{row['speedup_captions_per_s']} captions/s, "
-                        f"x{row['speedup_epoch_seconds']} epoch",
+                        f"x{row['speedup_epoch_seconds']} epoch, "
+                        f"x{row['speedup_captions_per_cpu_second']} per CPU second",
                         file=sys.stderr,
                         flush=True,
                     )
