@@ -22,6 +22,9 @@ Prints one JSON document (and writes it to ``--out``):
   can be 1.5x slower than the next.
 - ``under_load``: the same runs for ``--load-poolings`` beside a competing 2-core load that
   the benchmark starts itself (two busy processes), as loaded/idle ratios per side.
+- ``two_at_once``: for ``--together-poolings``, two runs of a side started together (two tune
+  workers or two pipeline stages on one machine; each side with its own default threads), their
+  summed training captions/s and its current/baseline ratio: what the whole machine trains.
 - ``streaming``: ``--stream-clips`` AudioCaps-shaped clips written to HDF5, evicted from the
   page cache (posix_fadvise DONTNEED), then streamed through the engine's own ``train_epoch``
   for each ``--num-workers`` value (0, the default: a background thread builds the batches;
@@ -163,6 +166,25 @@ def run_child(src: Path, params_file: Path, overrides: list[str], *, baseline: b
     return _summary(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+def run_two_at_once(src: Path, params_file: Path, overrides: list[str], *, baseline: bool) -> dict[str, Any]:
+    """Two runs of one side started together (two tune workers, or two pipeline stages, on one
+    machine), each writing its own checkpoints: their summed training captions/s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(copy: int) -> dict[str, Any]:
+        own_dirs = ("train.models_dir=", "train.metrics_dir=")
+        own = [f"{o}-{copy}" if o.startswith(own_dirs) else o for o in overrides]
+        return run_child(src, params_file, own, baseline=baseline)
+
+    with ThreadPoolExecutor(2) as pool:
+        runs = list(pool.map(one, (1, 2)))
+    return {
+        "captions_per_s_together": round(sum(run["captions_per_s"] for run in runs), 1),
+        "captions_per_s_of_each": [run["captions_per_s"] for run in runs],
+        "epoch_seconds_of_each": [run["epoch_seconds"] for run in runs],
+    }
+
+
 # ------------------------------------------------------------------ a competing load
 class CompetingLoad:
     """``processes`` busy processes (another job on the same cores) while the block runs."""
@@ -286,6 +308,7 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             ]
         out: dict[str, Any] = {}
         loaded: dict[str, Any] = {}
+        together: dict[str, Any] = {}
         for name, data_overrides in datasets.items():
             out[name] = {}
             samplings = ["pairs", "clip"] if args.clip_sampling and name == "default_corpus" else ["pairs"]
@@ -337,6 +360,23 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         file=sys.stderr,
                         flush=True,
                     )
+                    if name == "default_corpus" and sampling == "pairs" and pooling in args.together_poolings:
+                        short = [o for o in overrides if not o.startswith("train.epochs=")]
+                        short.append(f"train.epochs={min(args.epochs, 3)}")
+                        pair = {
+                            side: run_two_at_once(
+                                trees[side],
+                                trees[side].parent / "params.yaml",
+                                short,
+                                baseline=side == "baseline",
+                            )
+                            for side in ("baseline", "current")
+                        }
+                        totals = [pair[side]["captions_per_s_together"] for side in ("current", "baseline")]
+                        ratio = round(totals[0] / totals[1], 2)
+                        together[pooling] = {**pair, "speedup_captions_per_s_together": ratio}
+                        line = f"two at once {pooling}: {json.dumps(together[pooling])}"
+                        print(line, file=sys.stderr, flush=True)
                     if name == "default_corpus" and sampling == "pairs" and pooling in args.load_poolings:
                         loaded_overrides = [o for o in overrides if not o.startswith("train.epochs=")]
                         loaded_overrides.append(f"train.epochs={min(args.epochs, 3)}")
@@ -367,7 +407,7 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                             file=sys.stderr,
                             flush=True,
                         )
-        return {**revisions, "runs": out, "under_load": loaded}
+        return {**revisions, "runs": out, "under_load": loaded, "two_at_once": together}
     finally:
         for tree in worktrees.values():
             subprocess.run(
@@ -585,6 +625,12 @@ def main() -> int:
         nargs="*",
         default=["mean", "netvlad"],
         help="poolings also timed beside a competing 2-core load",
+    )
+    parser.add_argument(
+        "--together-poolings",
+        nargs="*",
+        default=["mean", "netvlad"],
+        help="poolings also timed as two runs started together per side (the machine's total)",
     )
     parser.add_argument("--clip-sampling", action="store_true", help="also the paper's clip batching")
     parser.add_argument(
