@@ -48,6 +48,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -306,6 +307,14 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 "text.vectors=benchvec",
                 'train.max_frames={"bench": 31}',
             ]
+
+        def on_both_sides(run: Callable[..., dict[str, Any]], overrides: list[str]) -> dict[str, Any]:
+            """``run`` on the baseline's tree, then on the current one (pairs batching's baseline)."""
+            return {
+                side: run(trees[side], trees[side].parent / "params.yaml", overrides, baseline=side == "baseline")
+                for side in ("baseline", "current")
+            }
+
         out: dict[str, Any] = {}
         loaded: dict[str, Any] = {}
         together: dict[str, Any] = {}
@@ -360,37 +369,20 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                         file=sys.stderr,
                         flush=True,
                     )
+                    # The together and loaded runs are short: at most 3 epochs.
+                    short_overrides = [o for o in overrides if not o.startswith("train.epochs=")]
+                    short_overrides.append(f"train.epochs={min(args.epochs, 3)}")
                     if name == "default_corpus" and sampling == "pairs" and pooling in args.together_poolings:
-                        short = [o for o in overrides if not o.startswith("train.epochs=")]
-                        short.append(f"train.epochs={min(args.epochs, 3)}")
-                        pair = {
-                            side: run_two_at_once(
-                                trees[side],
-                                trees[side].parent / "params.yaml",
-                                short,
-                                baseline=side == "baseline",
-                            )
-                            for side in ("baseline", "current")
-                        }
+                        pair = on_both_sides(run_two_at_once, short_overrides)
                         totals = [pair[side]["captions_per_s_together"] for side in ("current", "baseline")]
                         ratio = round(totals[0] / totals[1], 2)
                         together[pooling] = {**pair, "speedup_captions_per_s_together": ratio}
                         line = f"two at once {pooling}: {json.dumps(together[pooling])}"
                         print(line, file=sys.stderr, flush=True)
                     if name == "default_corpus" and sampling == "pairs" and pooling in args.load_poolings:
-                        loaded_overrides = [o for o in overrides if not o.startswith("train.epochs=")]
-                        loaded_overrides.append(f"train.epochs={min(args.epochs, 3)}")
                         with CompetingLoad(2):
                             time.sleep(1.0)
-                            busy = {
-                                side: run_child(
-                                    trees[side],
-                                    trees[side].parent / "params.yaml",
-                                    loaded_overrides,
-                                    baseline=side == "baseline",
-                                )
-                                for side in ("baseline", "current")
-                            }
+                            busy = on_both_sides(run_child, short_overrides)
                         loaded[pooling] = {
                             side: {
                                 "idle_epoch_seconds": row[side]["epoch_seconds"],
