@@ -5,7 +5,8 @@ AudioCaps-scale streaming from a cold page cache; metrics time.
                                                              # side by side, idle and loaded
     python benchmarks/train.py --stream-clips 50000          # + the real AudioCaps size streamed
 
-Prints one JSON document (and writes it to ``--out``):
+Prints one JSON document and writes it to ``--out``, with its tables beside it as ``.md`` and a
+plot as ``.png`` (``--render`` writes those two again from an existing JSON):
 
 - ``side_by_side``: per dataset (the default corpus's train/val splits; AudioCaps-shaped
   features, ``--clips`` x 31 x 2048 float32 with one caption per train clip as in AudioCaps)
@@ -311,7 +312,9 @@ def side_by_side(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         def on_both_sides(run: Callable[..., dict[str, Any]], overrides: list[str]) -> dict[str, Any]:
             """``run`` on the baseline's tree, then on the current one (pairs batching's baseline)."""
             return {
-                side: run(trees[side], trees[side].parent / "params.yaml", overrides, baseline=side == "baseline")
+                side: run(
+                    trees[side], trees[side].parent / "params.yaml", overrides, baseline=side == "baseline"
+                )
                 for side in ("baseline", "current")
             }
 
@@ -599,6 +602,149 @@ def metrics_time() -> dict[str, Any]:
     }
 
 
+# ------------------------------------------------------------------ tables and plot for people
+DATA_LABELS = {"default_corpus": "default corpus", "audiocaps_shaped": "AudioCaps-shaped"}
+CLIP_SUFFIX = " (clip sampling)"
+
+
+def _side_by_side_rows(side: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(data label, pooling, row) for every side-by-side row in the order the benchmark runs them
+    (the JSON's keys are sorted): datasets as DATA_LABELS lists them, pairs rows before clip
+    batching, poolings as BASE_POOLINGS lists them."""
+    order = {name: i for i, name in enumerate([*DATA_LABELS, *BASE_POOLINGS])}
+    rows = []
+    for name in sorted(side["runs"], key=lambda n: order.get(n, len(order))):
+        by_key = side["runs"][name]
+        for clip in (False, True):
+            keys = [key for key in by_key if key.endswith(CLIP_SUFFIX) == clip]
+            for key in sorted(keys, key=lambda k: order.get(k.removesuffix(CLIP_SUFFIX), len(order))):
+                label = DATA_LABELS.get(name, name) + (", clip batching" if clip else "")
+                rows.append((label, key.removesuffix(CLIP_SUFFIX), by_key[key]))
+    return rows
+
+
+def markdown_tables(report: dict[str, Any]) -> str:
+    """The report's comparisons as Markdown tables (what the README's Performance section shows)."""
+    load = report["load"]
+    out = [f"Load: `{load['uptime_before']}` -> `{load['uptime_after']}`; {load['cpu_count']} cores."]
+    side = report.get("side_by_side")
+    if side:
+        out += [
+            "",
+            f"One run alone, against {side['baseline']}"
+            f" (clip batching against {side.get('clip baseline', '-')}):",
+            "",
+            "| data | pooling | baseline | captions/s baseline | captions/s now | now / baseline "
+            "| per CPU second, now / baseline | data wait baseline / now |",
+            "|---|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for label, pooling, row in _side_by_side_rows(side):
+            base, now = row["baseline"], row["current"]
+            out.append(
+                f"| {label} | {pooling} | {row.get('baseline_revision', side['baseline'])} "
+                f"| {base['captions_per_s']:,.0f} | {now['captions_per_s']:,.0f} "
+                f"| {row['speedup_captions_per_s']:.2f}x "
+                f"| {row['speedup_captions_per_cpu_second']:.2f}x "
+                f"| {100 * base['data_wait_fraction']:.1f}% / {100 * now['data_wait_fraction']:.1f}% |"
+            )
+        if side.get("two_at_once"):
+            out += ["", "Two runs of a side started together (the machine's summed captions/s):", "",
+                    "| pooling | baseline | now | now / baseline |", "|---|---:|---:|---:|"]
+            for pooling, pair in side["two_at_once"].items():
+                out.append(
+                    f"| {pooling} | {pair['baseline']['captions_per_s_together']:,.0f} "
+                    f"| {pair['current']['captions_per_s_together']:,.0f} "
+                    f"| {pair['speedup_captions_per_s_together']:.2f}x |"
+                )
+        if side.get("under_load"):
+            title = "Epoch seconds idle and beside the benchmark's 2-core load (goal: loaded <= 2x idle):"
+            out += ["", title, "", "| pooling | side | idle | loaded | loaded / idle |",
+                    "|---|---|---:|---:|---:|"]
+            for pooling, sides in side["under_load"].items():
+                for name in ("baseline", "current"):
+                    entry = sides[name]
+                    out.append(
+                        f"| {pooling} | {name} | {entry['idle_epoch_seconds']:.2f} "
+                        f"| {entry['loaded_epoch_seconds']:.2f} "
+                        f"| {entry['loaded_over_idle']:.2f}x |"
+                    )
+    stream = report.get("streaming")
+    if stream:
+        shape = f"{stream['clips']:,} clips of {stream['frames']} x {stream['dim']}"
+        out += ["", f"{shape} streamed from a cold page cache:", "",
+                "| num_workers | pooling | clips/s | data wait | peak PSS GiB |", "|---|---|---:|---:|---:|"]
+        for workers, entry in stream["by_num_workers"].items():
+            for pooling, run in entry["poolings"].items():
+                out.append(
+                    f"| {workers} | {pooling} | {run['clips_per_s']:,.0f} "
+                    f"| {100 * run['data_wait_fraction']:.1f}% "
+                    f"| {run['peak_pss_gib']:.2f} |"
+                )
+    metrics = report["metrics"]
+    out += ["", f"Metrics, {metrics['captions']:,} x {metrics['clips']:,} both directions: "
+            f"{metrics['metrics_ms_median']} ms median (min {metrics['metrics_ms_min']}; "
+            f"goal < {metrics['target_ms']} ms)."]
+    return "\n".join(out) + "\n"
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Speed-up per row (captions/s and per CPU second, the 2x goal drawn) and loaded/idle per side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from atric.atomic import atomic_path
+
+    side = report["side_by_side"]
+    rows = _side_by_side_rows(side)
+    loaded = side.get("under_load", {})
+    fig, (speed, load) = plt.subplots(
+        1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [3, 1] if loaded else [1, 0.001]}
+    )
+    xs = range(len(rows))
+    width = 0.4
+    speed.bar([x - width / 2 for x in xs], [r["speedup_captions_per_s"] for _, _, r in rows], width,
+              label="captions/s")
+    speed.bar([x + width / 2 for x in xs], [r["speedup_captions_per_cpu_second"] for _, _, r in rows], width,
+              label="captions per CPU second")
+    speed.axhline(1.0, color="grey", linewidth=0.8)
+    speed.axhline(2.0, color="red", linestyle="--", linewidth=0.8, label="goal (2x)")
+    tick_labels = [f"{label}\n{pooling}" for label, pooling, _ in rows]
+    speed.set_xticks(list(xs), tick_labels, rotation=60, ha="right", fontsize=7)
+    clip_baseline = f"; clip batching {side['clip baseline']}" if "clip baseline" in side else ""
+    speed.set_ylabel(f"now / baseline ({side['baseline']}{clip_baseline})")
+    speed.set_title("One training run alone, side by side")
+    speed.legend(fontsize=8)
+    if loaded:
+        poolings = list(loaded)
+        for offset, name in ((-width / 2, "baseline"), (width / 2, "current")):
+            load.bar([i + offset for i in range(len(poolings))],
+                     [loaded[p][name]["loaded_over_idle"] for p in poolings], width, label=name)
+        load.axhline(2.0, color="red", linestyle="--", linewidth=0.8, label="goal (<= 2x)")
+        load.set_xticks(range(len(poolings)), poolings)
+        load.set_ylabel("loaded / idle epoch seconds")
+        load.set_title("Beside a 2-core load")
+        load.legend(fontsize=8)
+    else:
+        load.set_axis_off()
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(report: dict[str, Any], out: Path) -> None:
+    """``out`` (JSON), with ``out``'s .md tables and, when there is a side-by-side run, its .png plot."""
+    from atric.atomic import write_json_atomic, write_text_atomic
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out, report)
+    write_text_atomic(out.with_suffix(".md"), markdown_tables(report))
+    if report.get("side_by_side"):
+        plot(report, out.with_suffix(".png"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", help="git revision to compare against side by side (e.g. cc6cc6f, main when the issue was filed)")
@@ -650,9 +796,16 @@ def main() -> int:
     parser.add_argument("--src", help=argparse.SUPPRESS)
     parser.add_argument("--params", help=argparse.SUPPRESS)
     parser.add_argument("--overrides", default="[]", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--render", action="store_true", help="only write --out's .md tables and .png plot again from its JSON"
+    )
     args = parser.parse_args()
     if args.child:
         return child(args)
+    if args.render:
+        sys.path.insert(0, str(ROOT / "src"))
+        write_outputs(json.loads(args.out.read_text()), args.out)
+        return 0
 
     sys.path.insert(0, str(ROOT / "src"))
     import atric  # noqa: F401  (before torch: it sets the OpenMP wait policy)
@@ -676,12 +829,8 @@ def main() -> int:
             report["streaming"] = streaming(args, work)
     report["metrics"] = metrics_time()
     report["load"]["uptime_after"] = uptime()
-    text = json.dumps(report, indent=1)
-    from atric.atomic import write_json_atomic
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, report)
-    print(text)
+    write_outputs(report, args.out)
+    print(json.dumps(report, indent=1))
     return 0
 
 
