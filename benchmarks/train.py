@@ -632,7 +632,8 @@ def markdown_tables(report: dict[str, Any]) -> str:
         out += [
             "",
             f"One run alone, against {side['baseline']}"
-            f" (clip batching against {side.get('clip baseline', '-')}):",
+            + (f" (clip batching against {side['clip baseline']})" if "clip baseline" in side else "")
+            + ":",
             "",
             "| data | pooling | baseline | captions/s baseline | captions/s now | now / baseline "
             "| per CPU second, now / baseline | data wait baseline / now |",
@@ -734,12 +735,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(report: dict[str, Any], out: Path) -> None:
-    """``out`` (JSON), with ``out``'s .md tables and, when there is a side-by-side run, its .png plot."""
-    from atric.atomic import write_json_atomic, write_text_atomic
+def render(report: dict[str, Any], out: Path) -> None:
+    """Beside the JSON at ``out``: its .md tables and, when there is a side-by-side run, its .png plot."""
+    from atric.atomic import write_text_atomic
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out, report)
     write_text_atomic(out.with_suffix(".md"), markdown_tables(report))
     if report.get("side_by_side"):
         plot(report, out.with_suffix(".png"))
@@ -802,12 +801,11 @@ def main() -> int:
     args = parser.parse_args()
     if args.child:
         return child(args)
+    sys.path.insert(0, str(ROOT / "src"))
     if args.render:
-        sys.path.insert(0, str(ROOT / "src"))
-        write_outputs(json.loads(args.out.read_text()), args.out)
+        render(json.loads(args.out.read_text()), args.out)
         return 0
 
-    sys.path.insert(0, str(ROOT / "src"))
     import atric  # noqa: F401  (before torch: it sets the OpenMP wait policy)
 
     # isort: split
@@ -829,7 +827,11 @@ def main() -> int:
             report["streaming"] = streaming(args, work)
     report["metrics"] = metrics_time()
     report["load"]["uptime_after"] = uptime()
-    write_outputs(report, args.out)
+    from atric.atomic import write_json_atomic
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(args.out, report)
+    render(report, args.out)
     print(json.dumps(report, indent=1))
     return 0
 
