@@ -50,7 +50,7 @@ def run_one(base: list[str], out: Path, expert: str, pooling: str, seed: int, sa
     model = model_from_checkpoint(checkpoint)
     layout = Layout(params.data.dataset, params.data.root)
     data = open_split(layout, "test", experts=[expert], vectors=params.text.vectors,
-                      max_frames=dict(checkpoint["max_frames"]), expert_dims=checkpoint["model_config"]["expert_dims"])
+                      padded_lengths=dict(checkpoint["max_frames"]), expert_dims=checkpoint["model_config"]["expert_dims"])
     try:
         sim = split_similarity(model, data, device=resolve_device("cpu"), batch_size=256)
         metrics = {**retrieval_metrics(sim, captions_per_clip=5),

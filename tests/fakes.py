@@ -32,8 +32,12 @@ def write_fake_layout(
     train_captions: int = 5,
     seed: int = 0,
     dataset: str = DATASET,
+    hop_seconds: float | None = None,
 ) -> Layout:
-    """Write Index JSON, features for each expert and text embeddings for train/val/test."""
+    """Write Index JSON, features for each expert and text embeddings for train/val/test.
+
+    ``hop_seconds``: recorded in the feature files as atric's extractors do (padded lengths
+    given in seconds then apply); without it they are like the original's own files."""
     clips = clips or {"train": 24, "val": 10, "test": 10}
     experts = experts or {"fa": 8, "fb": 5}
     rng = np.random.default_rng(seed)
@@ -50,7 +54,8 @@ def write_fake_layout(
             for c in range(count):
                 t = int(rng.integers(frames[0], frames[1] + 1))
                 arrays.append((ids[c], topics[c] @ project + rng.normal(size=(t, dim)).astype(np.float32)))
-            write_features(layout.features_path(expert, split), arrays, {"expert": expert, "dim": dim})
+            attrs = {"expert": expert, "dim": dim, **({"hop_seconds": hop_seconds} if hop_seconds else {})}
+            write_features(layout.features_path(expert, split), arrays, attrs)
         project = rng.normal(size=(16, text_dim)).astype(np.float32)
         embeddings = {
             cid: [

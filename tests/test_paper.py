@@ -73,16 +73,34 @@ def test_explicit_frames_override_the_duration() -> None:
 @pytest.mark.parametrize(
     ("configured", "max_seconds", "message"),
     [
-        ({"logmel": 2500}, None, r"train\.max_frames\.logmel: 2500 frames of logmel is more than 10x"),
-        ({}, 300.0, r"train\.max_seconds: 300\.0 s = 3000 frames of logmel is more than 10x .*= 20\.0 s"),
+        ({"logmel": 7000}, None, r"train\.max_frames\.logmel=7000 frames \(params\.yaml or --set\) pads logmel clips to 700 s"),
+        ({}, 3000.0, r"train\.max_seconds=3000 s \(params\.yaml or --set\) pads logmel clips to 3000 s, over 600 s: a unit mistake"),
         ({"logmel": 0}, None, r"train\.max_frames\.logmel: must be >= 1"),
     ],
 )
-def test_padded_lengths_far_beyond_every_clip_are_refused(
+def test_padded_lengths_that_are_unit_mistakes_are_refused(
     configured: dict[str, int], max_seconds: float | None, message: str
 ) -> None:
     with pytest.raises(DataError, match=message):
         resolve_max_frames("CLOTHO", ["logmel"], configured, {"logmel": np.array([150, 200])}, max_seconds=max_seconds, hops={"logmel": 0.1})
+
+
+def test_a_length_far_beyond_every_clip_pads_and_says_how_much() -> None:
+    """The real-corpus bug: the Clotho preset's 30 s on clips of 0.3-2.8 s (aisfx: 0.56 s a frame)."""
+    lengths = np.array([1, 2, 5])
+    frames = resolve_max_frames("CLOTHO", ["aisfx"], {}, {"aisfx": lengths}, max_seconds=30.0, hops={"aisfx": 0.56})
+    assert frames == {"aisfx": 54}
+    cut = truncation(lengths, frames["aisfx"])
+    assert cut.clips_cut == 0 and cut.frames_dropped == 0
+    assert cut.padding == pytest.approx(1 - 8 / (3 * 54))
+    assert "95.1% of the padded length is padding" in cut.describe()
+
+
+def test_frames_without_a_frame_rate_are_refused_only_far_beyond_every_clip() -> None:
+    lengths = np.array([3, 4])
+    assert resolve_max_frames("X", ["fa"], {"fa": 400}, {"fa": lengths}, hops={}) == {"fa": 400}
+    with pytest.raises(DataError, match=r"train\.max_frames\.fa=401 frames .* over 100x the longest train clip of fa"):
+        resolve_max_frames("X", ["fa"], {"fa": 401}, {"fa": lengths}, hops={})
 
 
 def test_open_split_reads_the_hop_its_feature_file_records(tmp_path: Path) -> None:
@@ -217,7 +235,7 @@ def test_time_reversed_control_leaves_order_blind_poolings_unchanged(
 
     model = model_from_checkpoint(checkpoint)
     data = open_split(Layout(fakes.DATASET, data_root / "data"), "test", experts=["fa"], vectors=fakes.VECTORS,
-                      max_frames=dict(checkpoint["max_frames"]))
+                      padded_lengths=dict(checkpoint["max_frames"]))
     try:
         forward = split_similarity(model, data, device=torch.device("cpu"), batch_size=8)
         backward = split_similarity(model, data, device=torch.device("cpu"), batch_size=8, time_reversed=True)

@@ -180,7 +180,7 @@ def model_and_val(params: Params) -> tuple[RetrievalModel, Any]:
         "val",
         experts=["logmel"],
         vectors=params.text.vectors,
-        max_frames=checkpoint["max_frames"],
+        padded_lengths=checkpoint["max_frames"],
     )
     return model, data
 

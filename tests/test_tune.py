@@ -314,6 +314,41 @@ def test_sigterm_fails_the_running_trial_and_queues_a_retry(
     assert parents[0].info.status == "KILLED"
 
 
+def test_a_retried_trial_under_a_length_in_seconds_resumes(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, env: dict[str, str], one_thread: None
+) -> None:
+    """The presets' train.max_seconds (30 s here, beyond these 1.5-6 s clips) once made every
+    retry refuse its failed attempt's last.pt: the check before training resolved other lengths."""
+    hop_root = tmp_path_factory.mktemp("hop")
+    fakes.write_fake_layout(hop_root / "data", hop_seconds=0.5)
+    path = write_tune_params(
+        tmp_path, hop_root, train={"epochs": 6, "max_seconds": 30.0}, n_trials=2, study_name="seconds"
+    )
+    params = load_params(path)
+    study = tuning.create_study(params)
+
+    def stop_when_training() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            if running and len(running[0].intermediate_values) >= 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=stop_when_training, daemon=True)
+    watcher.start()
+    with pytest.raises(KeyboardInterrupt):
+        tuning.run_worker(params)
+    watcher.join()
+    tuning.run_worker(params)
+    trials = study.get_trials(deepcopy=False)
+    assert trials[0].state == TrialState.FAIL
+    retry = trials[1]
+    assert retry.state == TrialState.COMPLETE and retry.params == trials[0].params
+    assert retry.user_attrs["resumed_trial"] == 0
+
+
 # --------------------------------------------------------------------------- PostgreSQL
 
 

@@ -63,8 +63,12 @@ DEFAULT_MAX_FRAMES: dict[str, dict[str, int]] = {
 }
 # The durations those lengths cover: a whole AudioCaps clip (10 s), a whole Clotho clip (15-30 s).
 DEFAULT_MAX_SECONDS: dict[str, float] = {"AudioCaps": 10.0, "CLOTHO": 30.0}
-# A padded length this many times the longest clip is a mistake (a frame count given as seconds, say).
-MAX_LENGTH_RATIO = 10
+# A padded length longer than every clip is padding, not an error (a 30 s preset on 1 s clips).
+# Refused only where it is obviously a unit mistake: a duration over 10 minutes (milliseconds or
+# frames given as seconds; no captioned retrieval clip is that long), or, for feature files that
+# record no frame rate, a frame count over this many times the longest clip.
+MAX_PADDED_SECONDS = 600.0
+MAX_FRAMES_RATIO_WITHOUT_HOP = 100
 # Other datasets: cover this percentile of the train split's sequence lengths.
 LENGTH_PERCENTILE = 95.0
 # cache_in_ram "auto" caches a split when its (cut) features take less than this.
@@ -288,14 +292,15 @@ def resolve_max_frames(
     *,
     max_seconds: float | None = None,
     hops: Mapping[str, float | None] | None = None,
-    check: bool = True,
 ) -> dict[str, int]:
     """Padded length per expert, in this order: ``train.max_frames.<expert>`` (frames), a
     duration (``train.max_seconds``, else the dataset's whole-clip duration) over the file's
     recorded hop, the original's frame counts for files without a hop, the 95th percentile.
 
-    ``check``: refuse a length the params set that is over 10x the longest clip (the train
-    split's; val/test are opened with the train split's lengths and are not checked again)."""
+    The one place a run's padded lengths are derived from params: training calls it once (on
+    the train split) and records the result in the checkpoint; every later stage reads them
+    from there (``open_split(padded_lengths=...)``). A length longer than the clips pads; only a
+    value the params set that is obviously a unit mistake is refused (``MAX_PADDED_SECONDS``)."""
     hops = hops or {}
     result: dict[str, int] = {}
     for expert in experts:
@@ -306,20 +311,27 @@ def resolve_max_frames(
             value, key = int(configured[expert]), f"train.max_frames.{expert}"
             if value < 1:
                 raise DataError(f"{key}: must be >= 1, got {value}")
+            given = f"{key}={value} frames"
         elif seconds is not None and hop:
             # Only a length the params set is checked below: the dataset's default is not a user's typo.
             key = "train.max_seconds" if max_seconds is not None else ""
             value = max(1, math.ceil(seconds / hop - 1e-9))
+            given = f"train.max_seconds={seconds:g} s"
         elif expert in DEFAULT_MAX_FRAMES.get(dataset, {}):
-            value, key = DEFAULT_MAX_FRAMES[dataset][expert], ""
+            value, key, given = DEFAULT_MAX_FRAMES[dataset][expert], "", ""
         else:
-            value, key = max(1, int(np.ceil(np.percentile(train_lengths[expert], LENGTH_PERCENTILE)))), ""
-        if check and key and value > MAX_LENGTH_RATIO * longest:
-            given = f"{max_seconds} s = {value} frames" if key == "train.max_seconds" else f"{value} frames"
+            value = max(1, int(np.ceil(np.percentile(train_lengths[expert], LENGTH_PERCENTILE))))
+            key, given = "", ""
+        if key and hop and value * hop > MAX_PADDED_SECONDS:
             raise DataError(
-                f"{key}: {given} of {expert} is more than {MAX_LENGTH_RATIO}x the longest train clip "
-                f"({longest} frames{f' = {longest * hop:.1f} s' if hop else ''}); give seconds in "
-                "train.max_seconds and frames in train.max_frames"
+                f"{given} (params.yaml or --set) pads {expert} clips to {value * hop:g} s, over "
+                f"{MAX_PADDED_SECONDS:g} s: a unit mistake? train.max_seconds is in seconds, "
+                f"train.max_frames.<expert> in frames ({expert}: {hop:g} s per frame)"
+            )
+        if key and not hop and value > MAX_FRAMES_RATIO_WITHOUT_HOP * longest:
+            raise DataError(
+                f"{given} (params.yaml or --set) is over {MAX_FRAMES_RATIO_WITHOUT_HOP}x the longest train "
+                f"clip of {expert} ({longest} frames; its feature file records no frame rate): a unit mistake?"
             )
         result[expert] = value
     return result
@@ -331,15 +343,23 @@ class Truncation:
 
     clips_cut: float  # share of clips longer than the padded length
     frames_dropped: float  # share of all frames beyond it
+    padding: float = 0.0  # share of the padded [clips x length] frames that are padding
 
     def describe(self) -> str:
-        return f"{100 * self.clips_cut:.1f}% of clips cut, {100 * self.frames_dropped:.1f}% of frames dropped"
+        return (
+            f"{100 * self.clips_cut:.1f}% of clips cut, {100 * self.frames_dropped:.1f}% of frames dropped, "
+            f"{100 * self.padding:.1f}% of the padded length is padding"
+        )
 
 
 def truncation(lengths: np.ndarray, max_frames: int) -> Truncation:
     total = float(lengths.sum())
     dropped = float(np.clip(lengths - max_frames, 0, None).sum())
-    return Truncation(float(np.mean(lengths > max_frames)), dropped / total if total else 0.0)
+    padded = float(len(lengths) * max_frames)
+    kept = float(np.minimum(lengths, max_frames).sum())
+    return Truncation(
+        float(np.mean(lengths > max_frames)), dropped / total if total else 0.0, 1 - kept / padded if padded else 0.0
+    )
 
 
 # ---------------------------------------------------------------- one split
@@ -382,18 +402,22 @@ def open_split(
     *,
     experts: Sequence[str],
     vectors: str,
-    max_frames: Mapping[str, int],
+    max_frames: Mapping[str, int] | None = None,
     cache_in_ram: CacheMode = "auto",
     expert_dims: Mapping[str, int] | None = None,
     max_seconds: float | None = None,
+    padded_lengths: Mapping[str, int] | None = None,
 ) -> SplitData:
     """Open and check one split.
 
-    ``max_frames`` may leave experts out: they get the paper's length for AudioCaps/CLOTHO,
-    else the 95th percentile of this split's lengths (open the train split first and pass
-    its ``max_frames`` on to val/test). ``expert_dims`` (e.g. a trained model's) makes a
-    different dim in this split an error naming the file.
+    Either ``padded_lengths``: a run's resolved lengths (its checkpoint's, or the train split's
+    for val), used as they are; or the params to resolve them from (``resolve_max_frames``):
+    ``max_frames`` (``train.max_frames``, may leave experts out) and ``max_seconds``. Only a
+    training run resolves; every later stage passes ``padded_lengths``. ``expert_dims`` (e.g. a
+    trained model's) makes a different dim in this split an error naming the file.
     """
+    if padded_lengths is not None and (max_frames or max_seconds is not None):
+        raise ValueError("open_split: give padded_lengths or max_frames/max_seconds, not both")
     if not experts:
         raise DataError("no audio experts given (train.experts is empty)")
     index_path = layout.index_path(split)
@@ -410,15 +434,20 @@ def open_split(
                 f"{layout.features_path(expert, split)}: feature dim is {scan.dim} (clip {clip_ids[0]!r}), "
                 f"but the model expects {expert_dims[expert]} for expert {expert!r}"
             )
-    resolved = resolve_max_frames(
-        layout.dataset,
-        experts,
-        dict(max_frames),
-        {e: scan.lengths for e, scan in scans.items()},
-        max_seconds=max_seconds,
-        hops=hops,
-        check=split == "train",
-    )
+    if padded_lengths is not None:
+        missing = [e for e in experts if e not in padded_lengths]
+        if missing:
+            raise DataError(f"no padded length recorded for expert(s) {', '.join(missing)} (split {split})")
+        resolved = {e: int(padded_lengths[e]) for e in experts}
+    else:
+        resolved = resolve_max_frames(
+            layout.dataset,
+            experts,
+            dict(max_frames or {}),
+            {e: scan.lengths for e, scan in scans.items()},
+            max_seconds=max_seconds,
+            hops=hops,
+        )
     features = {
         expert: ExpertFeatures(
             name=expert,

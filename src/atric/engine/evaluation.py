@@ -111,7 +111,7 @@ def evaluate_checkpoint(
         split,
         experts=list(model.experts),
         vectors=params.text.vectors,
-        max_frames=dict(checkpoint["max_frames"]),
+        padded_lengths=dict(checkpoint["max_frames"]),
         cache_in_ram=tp.cache_in_ram,
         expert_dims=config["expert_dims"],
     )

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from atric.atomic import write_json_atomic
 from atric.config import Params
-from atric.data import BackgroundLoader, Batch, EpochSampler, SplitData, TrainBatches, batch_as_is, open_split
+from atric.data import BackgroundLoader, Batch, EpochSampler, SplitData, TrainBatches, batch_as_is
 from atric.device import configure_threads, resolve_device
 from atric.engine.checkpoint import (
     CHECKPOINT_FORMAT,
@@ -34,14 +34,13 @@ from atric.engine.checkpoint import (
     save_checkpoint,
     seed_everything,
     set_rng_state,
-    signature_differences,
     signature_hash,
 )
 from atric.engine.evaluation import evaluate_split
+from atric.engine.resume import check_continuable, open_run_splits
 from atric.engine.runs import SELECTION_METRIC, RunPaths, run_name_for
 from atric.errors import AtricError, CheckpointError, ConfigError, DataError
 from atric.factory import build_loss, build_model, build_optimizer, build_scheduler, scheduler_steps_per_batch
-from atric.layout import Layout
 from atric.losses import merge_caption_similarities
 from atric.model import RetrievalModel
 from atric.precision import Precision
@@ -230,24 +229,12 @@ def train(
     threads = configure_threads(tp.threads)
     log.info("%s: %d CPU threads (train.threads=%s)", run_name, threads, tp.threads)
     seed_everything(tp.seed)
-    layout = Layout(params.data.dataset, params.data.root)
-    common = {"experts": tp.experts, "vectors": params.text.vectors, "cache_in_ram": tp.cache_in_ram}
     with ExitStack() as stack:  # HDF5 handles are closed whatever happens
-        train_data = open_split(
-            layout, "train", max_frames=tp.max_frames, max_seconds=tp.max_seconds, **common
-        )
+        train_data, val_data = open_run_splits(params, cache_in_ram=tp.cache_in_ram)
         stack.callback(train_data.close)
-        _report_truncation(run_name, "train", train_data)
-        val_data = open_split(
-            layout, "val", max_frames=train_data.max_frames, expert_dims=train_data.expert_dims, **common
-        )
         stack.callback(val_data.close)
-        _report_truncation(run_name, "val", val_data)
-        if val_data.text_dim != train_data.text_dim:
-            raise DataError(
-                f"{layout.text_path(params.text.vectors, 'val')}: word vectors have dim "
-                f"{val_data.text_dim}, the train split's have {train_data.text_dim}"
-            )
+        for data in (train_data, val_data):
+            _report_lengths(run_name, data)
         result = _fit(
             params,
             run_name=run_name,
@@ -263,14 +250,15 @@ def train(
     return result
 
 
-def _report_truncation(run_name: str, split: str, data: SplitData) -> None:
-    """Say once per run and split when the padded lengths cut clips (silent truncation hides bugs)."""
+def _report_lengths(run_name: str, data: SplitData) -> None:
+    """Say once per run and split what the padded lengths cut and how much of them is padding
+    (silent truncation hides bugs; a length far beyond the clips costs time)."""
     for expert, cut in data.truncation.items():
-        if cut.clips_cut > 0:
-            log.warning(
-                "%s: %s padded to %d frames: %s of the %s split (train.max_seconds / train.max_frames)",
-                run_name, expert, data.max_frames[expert], cut.describe(), split,
-            )  # fmt: skip
+        log.log(
+            logging.WARNING if cut.clips_cut > 0 else logging.INFO,
+            "%s: %s padded to %d frames: %s of the %s split (train.max_seconds / train.max_frames)",
+            run_name, expert, data.max_frames[expert], cut.describe(), data.split,
+        )  # fmt: skip
 
 
 def _notify(callbacks: Sequence[Any], hook: str, *args: Any) -> None:
@@ -306,18 +294,7 @@ def _fit(
     start_epoch, best_score, best_epoch = 0, -math.inf, 0
     history: list[dict[str, float]] = []
     if checkpoint is not None:
-        differences = signature_differences(checkpoint.get("signature", {}), signature)
-        if differences:
-            raise CheckpointError(
-                f"{paths.last} was trained with different settings:\n  "
-                + "\n  ".join(differences)
-                + "\nrestore those params to continue it, or pass --restart to discard it and start over"
-            )
-        if checkpoint["epoch"] > tp.epochs:
-            raise CheckpointError(
-                f"{paths.last} is at epoch {checkpoint['epoch']}, beyond train.epochs={tp.epochs}; "
-                "raise train.epochs or pass --restart"
-            )
+        check_continuable(params, checkpoint, paths.last, max_frames=train_data.max_frames, model_config=model.config())
         model.load_state_dict(checkpoint["model"])
         loss_fn.load_state_dict(checkpoint["loss"])
         optimizer.load_state_dict(checkpoint["optimizer"])

@@ -21,7 +21,6 @@ from torch import Tensor, nn
 
 from atric.atomic import check_writable, remove_stale_temps
 from atric.config import Params, flatten
-from atric.data import open_split
 from atric.device import configure_threads, resolve_device
 from atric.embed import frames_to_batch
 from atric.engine import (
@@ -29,11 +28,10 @@ from atric.engine import (
     TrainResult,
     load_checkpoint,
     run_name_for,
-    run_signature,
-    signature_differences,
     train,
 )
 from atric.engine.evaluation import check_experts_known
+from atric.engine.resume import check_continuable, continuable_without_data, open_run_splits
 from atric.errors import CheckpointError
 from atric.factory import build_model, model_from_checkpoint
 from atric.layout import Layout
@@ -100,7 +98,7 @@ def _apply_pipeline_policy(params: Params, paths: RunPaths) -> bool:
     if unfinished or logging_pending:
         try:
             # Dry check of the signature: the engine raises on a mismatch; we set aside instead.
-            if _signature_matches(params, checkpoint):
+            if continuable_without_data(params, checkpoint):
                 return True
         finally:
             del checkpoint
@@ -108,14 +106,6 @@ def _apply_pipeline_policy(params: Params, paths: RunPaths) -> bool:
             return False
     _set_aside_previous_run(paths)
     return False
-
-
-def _signature_matches(params: Params, checkpoint: dict[str, Any]) -> bool:
-    """The engine's signature check without the data: lengths and dims come from the checkpoint."""
-    configured = params.train.max_frames
-    max_frames = {e: configured.get(e, checkpoint["max_frames"].get(e)) for e in params.train.experts}
-    current = run_signature(params, max_frames, checkpoint["model_config"])
-    return not signature_differences(checkpoint.get("signature", {}), current)
 
 
 def train_tracked(
@@ -170,26 +160,17 @@ def _preflight(params: Params, paths: RunPaths, policy: ResumePolicy) -> None:
         check_writable(folder)
     if policy == "resume" and not paths.last.exists():
         raise CheckpointError(f"{paths.last}: nothing to resume (no checkpoint); drop --resume to start fresh")
-    common: dict[str, Any] = {"experts": tp.experts, "vectors": params.text.vectors, "cache_in_ram": "no"}
-    train_data = open_split(layout, "train", max_frames=tp.max_frames, **common)
+    train_data, val_data = open_run_splits(params, cache_in_ram="no")
     try:
-        val_data = open_split(
-            layout, "val", max_frames=train_data.max_frames, expert_dims=train_data.expert_dims, **common
-        )
-        val_data.close()
         # pipeline: _apply_pipeline_policy sets a different last.pt aside; restart discards it.
         if policy in ("auto", "resume") and paths.last.exists():
-            checkpoint = load_checkpoint(paths.last)
             config = build_model(tp, train_data.expert_dims, train_data.text_dim).config()
-            current = run_signature(params, train_data.max_frames, config)
-            differences = signature_differences(checkpoint.get("signature", {}), current)
-            if differences:
-                raise CheckpointError(
-                    f"{paths.last} was trained with different settings: " + "; ".join(differences)
-                    + "; restore those params to continue it, or pass --restart to discard it and start over"
-                )
+            check_continuable(
+                params, load_checkpoint(paths.last), paths.last, max_frames=train_data.max_frames, model_config=config
+            )
     finally:
         train_data.close()
+        val_data.close()
 
 
 def _train_locked(

@@ -153,7 +153,7 @@ def build_index(
             split,
             experts=list(model.experts),
             vectors=vectors,
-            max_frames=info["max_frames"],
+            padded_lengths=info["max_frames"],
             cache_in_ram=params.train.cache_in_ram,
             expert_dims=expert_dims,
         )
