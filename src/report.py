@@ -27,11 +27,11 @@ def main() -> int:
     args = parser.parse_args()
     params = params_from_args(args)
     split = params.evaluate.split
-    runs = load_run_metrics(evaluation_metrics_dir(params.train, split))
+    layout = Layout(params.data.dataset, params.data.root)
+    runs, other_corpus_runs = load_run_metrics(evaluation_metrics_dir(params.train, split), layout)
     histories = load_histories(Path(params.train.metrics_dir) / "history", list(runs))
     champion = choose_champion(params)
-    index = Layout(params.data.dataset, params.data.root).index_path(split)
-    n_clips = len(read_index(index, split))
+    n_clips = len(read_index(layout.index_path(split), split))
     # Everything read and checked before the first file is written.
     champion_path = write_champion(champion, Path(args.out) / CHAMPION_FILE.name)
     path = write_report(
@@ -44,9 +44,12 @@ def main() -> int:
         n_clips=n_clips,
         champion=champion,
         split=split,
+        other_corpus_runs=other_corpus_runs,
     )
     print(
-        f"wrote {path} ({len(runs)} runs); champion by {champion['metric']} on val: {champion['run']} "
+        f"wrote {path} ({len(runs)} runs of {params.data.dataset}"
+        + (f"; {len(other_corpus_runs)} of another corpus left out" if other_corpus_runs else "")
+        + f"); champion by {champion['metric']} on val: {champion['run']} "
         f"({champion['value']:.2f}) -> {champion_path}"
     )
     if not args.no_register:

@@ -17,6 +17,7 @@ from atric.config import Params
 from atric.errors import DataError
 from atric.layout import Clip, Layout, write_index
 from atric.metrics import RECALL_KS
+from atric.engine.runs import run_identity
 from atric.ops.champion import CHAMPION_METRIC, champion_run, read_champion, register_champion
 from atric.report import (
     compare_poolings,
@@ -30,7 +31,7 @@ from atric.report import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-CHAMPION_KEYS = {"run", "metric", "value", "split", "dataset", "candidates"}
+CHAMPION_KEYS = {"run", "metric", "value", "split", "dataset", "candidates"}  # required; corpus since it existed
 
 
 def eval_row(geo: float, **extra: float) -> dict[str, float]:
@@ -46,11 +47,15 @@ def eval_row(geo: float, **extra: float) -> dict[str, float]:
     return {**row, **extra}
 
 
-def write_run(metrics_dir: Path, run: str, val: float, test: float, **extra: float) -> None:
+def write_run(
+    metrics_dir: Path, run: str, val: float, test: float, corpus: Layout | None = None, **extra: float
+) -> None:
+    """A trained and evaluated run's metrics files, of ``corpus`` (default: the project's Toy)."""
+    identity = run_identity(corpus or Layout("Toy", metrics_dir.parent / "data"))
     (metrics_dir / "test").mkdir(parents=True, exist_ok=True)
     (metrics_dir / "history").mkdir(parents=True, exist_ok=True)
-    (metrics_dir / f"{run}.json").write_text(json.dumps({"best_epoch": 2, CHAMPION_METRIC: val}))
-    (metrics_dir / "test" / f"{run}.json").write_text(json.dumps(eval_row(test, **extra)))
+    (metrics_dir / f"{run}.json").write_text(json.dumps({"best_epoch": 2, CHAMPION_METRIC: val, **identity}))
+    (metrics_dir / "test" / f"{run}.json").write_text(json.dumps({**eval_row(test, **extra), **identity}))
     history = [{"epoch": e, "train_loss": 1.0 / e, CHAMPION_METRIC: val * e / 3} for e in (1, 2, 3)]
     (metrics_dir / "history" / f"{run}.json").write_text(json.dumps(history))
 
@@ -99,7 +104,9 @@ def test_champion_is_the_val_best_even_when_another_run_is_test_best(
         "value": 55.0,
         "split": "val",
         "dataset": "Toy",
+        "corpus": Layout("Toy", project["root"] / "data").corpus_fingerprint(),
         "candidates": {"logmel-lstm": 55.0, "logmel-max": 45.0, "logmel-mean": 40.0},
+        "other_corpus_runs": 0,
     }
     assert "logmel-lstm" in out
     assert (
@@ -116,6 +123,48 @@ def test_champion_is_the_val_best_even_when_another_run_is_test_best(
     assert champion_run(params, project["root"] / "reports" / "champion.json") == "logmel-lstm"
     # Registration follows the file; a run without an MLflow run id registers nothing.
     assert register_champion(params, project["root"] / "reports" / "champion.json") is None
+
+
+def test_report_and_champion_consider_only_the_corpus_in_use(
+    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The default corpus's runs (committed metrics), then a release under another dataset name,
+    a second release under the same name, then back: no report or champion mixes corpora."""
+    root, metrics = project["root"], project["root"] / "metrics"
+    toy = Layout("Toy", root / "data")
+    write_run(metrics, "logmel-mean", val=90.0, test=90.0)  # the better run, of the first corpus
+    write_run(metrics, "logmel-max", val=50.0, test=50.0)
+    champion_file, results = root / "reports" / "champion.json", root / "reports" / "results.md"
+    assert run_report(project, monkeypatch, capsys)[0] == 0
+    assert json.loads(champion_file.read_text())["run"] == "logmel-mean"
+
+    # A new release in the same dataset folder: the old corpus's runs are left out and named.
+    captions = tuple(f"another caption {k}" for k in range(5))
+    write_index(toy.index_path("test"), [Clip(f"new{i}", captions) for i in range(6)], "test")
+    write_run(metrics, "aisfx-mean", val=10.0, test=10.0)
+    code, out, err = run_report(project, monkeypatch, capsys)
+    assert code == 0, err
+    champion = json.loads(champion_file.read_text())
+    assert champion["run"] == "aisfx-mean" and set(champion["candidates"]) == {"aisfx-mean"}
+    assert champion["other_corpus_runs"] == 2 and champion["corpus"] == toy.corpus_fingerprint()
+    text = results.read_text()
+    assert "| aisfx | mean |" in text and "| logmel |" not in text
+    assert "2 metrics file(s) of another corpus" in text and "`logmel-max`, `logmel-mean`" in text
+    assert "1 runs of Toy; 2 of another corpus left out" in out
+    # A champion file of the old corpus is refused by search and index, naming both corpora.
+    params = project["params"]
+    (Path(params.train.models_dir) / "aisfx-mean").mkdir(parents=True)
+    (Path(params.train.models_dir) / "aisfx-mean" / "best.pt").write_bytes(b"")
+    assert champion_run(params, champion_file) == "aisfx-mean"
+    write_index(toy.index_path("test"), [Clip(f"clip{i}", tuple(f"caption {k}" for k in range(5))) for i in range(6)], "test")
+    with pytest.raises(DataError, match=r"chosen among the runs of another Toy corpus"):
+        champion_run(params, champion_file)
+
+    # Back to the first corpus: its runs again, the release's left out.
+    assert run_report(project, monkeypatch, capsys)[0] == 0
+    champion = json.loads(champion_file.read_text())
+    assert champion["run"] == "logmel-mean" and set(champion["candidates"]) == {"logmel-mean", "logmel-max"}
+    assert "| aisfx |" not in results.read_text()
 
 
 def test_champion_file_format_is_checked(tmp_path: Path, project: dict[str, Any]) -> None:
@@ -231,9 +280,10 @@ def test_report_text_one_seed_trivial_recalls_and_order(tmp_path: Path) -> None:
 def test_missing_test_metric_names_the_file(tmp_path: Path) -> None:
     row = eval_row(10.0)
     del row["a2t_R50"]
-    (tmp_path / "logmel-mean.json").write_text(json.dumps(row))
+    layout = Layout("Toy", tmp_path / "data")
+    (tmp_path / "logmel-mean.json").write_text(json.dumps({**row, **run_identity(layout)}))
     with pytest.raises(DataError, match=r"logmel-mean.json: missing metric\(s\) a2t_R50"):
-        load_run_metrics(tmp_path)
+        load_run_metrics(tmp_path, layout)
     assert np.isfinite(eval_row(1.0)["t2a_R1"])
 
 

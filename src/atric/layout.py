@@ -16,6 +16,7 @@ Why one module of this size: every reader and writer of the seed layout's file f
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,16 @@ class Layout:
     @property
     def manifest_path(self) -> Path:
         return self.dataset_dir / "manifest.json"
+
+    def corpus_fingerprint(self) -> str:
+        """A short hash of the prepared corpus (its three Index files: clip ids and captions), so
+        that a run's metrics say which corpus they come from, not only which dataset name."""
+        digest = hashlib.sha256()
+        for split in SPLITS:
+            path = self.index_path(split)
+            digest.update(f"{split}\0".encode())
+            digest.update(path.read_bytes() if path.is_file() else b"")
+        return digest.hexdigest()[:12]
 
 
 def vectors_slug(vectors: str) -> str:

@@ -26,7 +26,8 @@ import matplotlib.pyplot as plt
 
 from atric.atomic import atomic_path, write_json_atomic, write_text_atomic
 from atric.errors import DataError
-from atric.layout import EVAL_CAPTIONS_PER_CLIP
+from atric.engine.runs import of_corpus
+from atric.layout import EVAL_CAPTIONS_PER_CLIP, Layout
 from atric.metrics import RECALL_KS
 
 # (column title, metric key, higher is better)
@@ -69,24 +70,35 @@ def write_recall_curve(metrics_dir: Path, run_name: str, metrics: Mapping[str, f
     return path
 
 
-def load_run_metrics(directory: Path) -> dict[str, dict[str, float]]:
-    """``metrics/test/<run>.json`` files -> {run: metrics}."""
-    runs: dict[str, dict[str, float]] = {}
+def load_run_metrics(directory: Path, layout: Layout) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """``metrics/test/<run>.json`` files of ``layout``'s corpus -> ({run: metrics}, the runs of
+    other corpora, left out)."""
+    docs: dict[str, dict[str, Any]] = {}
     for path in sorted(directory.glob("*.json")):
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON: {exc}") from exc
-        metrics = doc.get("metrics", doc)
+        if not isinstance(doc, dict):
+            raise DataError(f"{path}: not a JSON object of metrics")
+        docs[path.stem] = doc
+    kept, others = of_corpus(docs, layout)
+    runs: dict[str, dict[str, float]] = {}
+    for run in kept:
+        metrics, path = docs[run], directory / f"{run}.json"
         missing = [key for _, key, _ in TABLE_COLUMNS if key not in metrics]
         missing += [f"t2a_R{k}" for k in RECALL_KS if f"t2a_R{k}" not in metrics]
         missing += [f"a2t_R{k}" for k in RECALL_KS if f"a2t_R{k}" not in metrics]
         if missing:
             raise DataError(f"{path}: missing metric(s) {', '.join(dict.fromkeys(missing))}")
-        runs[path.stem] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        runs[run] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     if not runs:
-        raise DataError(f"{directory}: no test metrics found (run the evaluate stage first)")
-    return runs
+        ignored = f" ({len(others)} of another corpus ignored)" if others else ""
+        raise DataError(
+            f"{directory}: no test metrics of {layout.dataset} (corpus {layout.corpus_fingerprint()}) found"
+            f"{ignored}; run the train and evaluate stages first"
+        )
+    return runs, others
 
 
 def load_histories(directory: Path, runs: Sequence[str]) -> dict[str, list[dict[str, float]]]:
@@ -427,9 +439,11 @@ def write_report(
     n_clips: int | None = None,
     champion: Mapping[str, Any] | None = None,
     split: str = "test",
+    other_corpus_runs: Sequence[str] = (),
 ) -> Path:
     """reports/results.md, its PNG plots and reports/plots/*.json; ``n_clips``: clips of the
-    evaluated split (for the trivial-recall check); ``champion``: atric.ops.champion's record."""
+    evaluated split (for the trivial-recall check); ``champion``: atric.ops.champion's record;
+    ``other_corpus_runs``: metrics files of other corpora, left out (named, never compared)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     groups = group_runs(list(runs), default_seed)
     trivial = trivial_columns(n_clips)
@@ -450,6 +464,16 @@ def write_report(
     ]
     if n_clips is not None:
         lines[-1] += f" The {split} split has {n_clips} clips."
+    if other_corpus_runs:
+        shown = ", ".join(f"`{run}`" for run in sorted(other_corpus_runs)[:10])
+        more = f" and {len(other_corpus_runs) - 10} more" if len(other_corpus_runs) > 10 else ""
+        lines += [
+            "",
+            (
+                f"Only runs of this corpus are shown and compared: {len(other_corpus_runs)} metrics file(s) of "
+                f"another corpus (or from before metrics named their corpus) are left out: {shown}{more}."
+            ),
+        ]
     if trivial:
         lines += [
             "",

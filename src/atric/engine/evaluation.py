@@ -11,7 +11,7 @@ from atric.data import SplitData, open_split
 from atric.device import resolve_device
 from atric.embed import split_similarity
 from atric.engine.checkpoint import load_checkpoint
-from atric.engine.runs import RunPaths, evaluation_metrics_path, run_name_for
+from atric.engine.runs import RunPaths, evaluation_metrics_path, run_identity, run_name_for
 from atric.errors import AtricError, CheckpointError, ConfigError, DataError
 from atric.factory import model_from_checkpoint
 from atric.layout import EVAL_CAPTIONS_PER_CLIP, Layout
@@ -133,5 +133,5 @@ def evaluate_checkpoint(
     finally:
         data.close()
     out = {"epoch": int(checkpoint["epoch"]), **metrics}
-    write_json_atomic(output, out)
+    write_json_atomic(output, {**out, **run_identity(layout)})
     return out

@@ -38,9 +38,10 @@ from atric.engine.checkpoint import (
 )
 from atric.engine.evaluation import evaluate_split
 from atric.engine.resume import check_continuable, open_run_splits
-from atric.engine.runs import SELECTION_METRIC, RunPaths, run_name_for
+from atric.engine.runs import SELECTION_METRIC, RunPaths, run_identity, run_name_for
 from atric.errors import AtricError, CheckpointError, ConfigError, DataError
 from atric.factory import build_loss, build_model, build_optimizer, build_scheduler, scheduler_steps_per_batch
+from atric.layout import Layout
 from atric.losses import merge_caption_similarities
 from atric.model import RetrievalModel
 from atric.precision import Precision
@@ -415,5 +416,6 @@ def _fit(
     result.best_metrics = {k[4:]: v for k, v in best_row.items() if k.startswith("val_")}
     write_json_atomic(paths.history, history)
     summary = {k: v for k, v in best_row.items() if k != "epoch"}
-    write_json_atomic(paths.metrics, {"best_epoch": best_epoch, "epochs": len(history), **summary})
+    identity = run_identity(Layout(params.data.dataset, params.data.root))
+    write_json_atomic(paths.metrics, {"best_epoch": best_epoch, "epochs": len(history), **summary, **identity})
     return result
