@@ -6,8 +6,10 @@ import os
 import subprocess
 import sys
 import types
+import unicodedata
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -96,6 +98,66 @@ def test_cli_broken_tree_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "data" / "CLOTHO" / "Index").exists()
     assert not (tmp_path / "data" / "CLOTHO" / "manifest.json").exists()
+
+
+def _break_release(raw: Path) -> dict[str, str]:
+    """Damage a tiny Clotho release as real releases are damaged; returns clip id -> the words
+    its reason must hold. Also stores one good file's name decomposed (NFD), as macOS does."""
+    import numpy as np
+    import soundfile as sf
+
+    development = raw / "development"
+    good = (development / "development sound 0.wav").read_bytes()
+    (development / "development sound 0.wav").write_bytes(good[: len(good) // 2])  # cut short
+    (development / "development sound 1.wav").write_bytes(b"RIFX" + good[4:])  # damaged header
+    frame = pd.read_csv(raw / "clotho_captions_development.csv")
+    extra = []
+    for name, content in (("noise.mp3", bytes(range(256)) * 12), ("café.wav", None), ("silence.wav", None)):
+        if content is not None:
+            (development / name).write_bytes(content)
+        elif name == "silence.wav":
+            sf.write(development / name, np.zeros(8000, dtype="float32"), 16000)
+        else:
+            write_tone(development / unicodedata.normalize("NFD", name), 0.4)
+        extra.append([name, *clotho_captions(name)])
+    pd.concat([frame, pd.DataFrame(extra, columns=frame.columns)]).to_csv(
+        raw / "clotho_captions_development.csv", index=False
+    )
+    return {
+        "development sound 0.wav": "truncated: its header declares",
+        "development sound 1.wav": "cannot read audio:",
+        "noise.mp3": "cannot read audio: not a readable mp3 file (unknown format or a damaged header) (decoder: Illegal Audio-MPEG-Header",
+    }
+
+
+def test_a_release_with_bad_files_names_each_reason_or_skips_them(tmp_path: Path) -> None:
+    make_clotho_tree(tmp_path / "raw", clips_per_split=3)
+    bad = _break_release(tmp_path / "raw")
+    _write_params(tmp_path, source="clotho")
+    refused = _run_prepare(tmp_path)
+    assert refused.returncode == 2, refused.stderr
+    # Decoder noise (mpg123's "Note: ..." lines) kept off the terminal; its gist is in the reason.
+    assert "Traceback" not in refused.stderr and "Note:" not in refused.stderr
+    assert "FutureWarning" not in refused.stderr
+    assert f"{len(bad)} problems in the Clotho release" in refused.stderr
+    for clip_id, reason in bad.items():
+        line = next(row for row in refused.stderr.splitlines() if clip_id in row)
+        assert reason in line, line
+    assert "data.on_error=skip" in refused.stderr
+    assert not (tmp_path / "data" / "CLOTHO" / "manifest.json").exists()
+
+    skipped = _run_prepare(tmp_path, "--set", "data.on_error=skip")
+    assert skipped.returncode == 0, skipped.stderr
+    assert f"skipped {len(bad)} clip(s)" in skipped.stdout
+    assert "matched under Unicode normalization" in skipped.stdout and "NFD" in skipped.stdout
+    manifest = read_manifest(tmp_path / "data" / "CLOTHO" / "manifest.json")
+    assert {c.clip_id: c.reason for c in manifest.skipped}.keys() == bad.keys()
+    assert all(bad[c.clip_id] in c.reason and c.split == "train" for c in manifest.skipped)
+    kept = {c.clip_id: c for c in manifest.clips}
+    assert not bad.keys() & kept.keys()
+    # The CSV's composed name is the clip id; the audio path is the file as stored on disk.
+    assert kept["café.wav"].audio == "development/" + unicodedata.normalize("NFD", "café.wav")
+    assert kept["silence.wav"].duration == pytest.approx(0.5)
 
 
 def test_failed_prepare_leaves_previous_outputs_unchanged(

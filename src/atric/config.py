@@ -74,6 +74,9 @@ class DataParams(Section):
     root: str = "data"
     sample_rate: int = Field(16000, ge=8000)
     max_audio_seconds: float = Field(600.0, gt=0)  # prepare refuses longer clips (bounded decoding work)
+    # skip: prepare leaves a clip whose audio is missing, unreadable or truncated out of the
+    # corpus and lists it with its reason in manifest.json; raise: it is an error.
+    on_error: Literal["raise", "skip"] = "raise"
     seed: int = 0
     synth: SynthParams = SynthParams()
 

@@ -16,6 +16,7 @@ Why one module of this size: every reader and writer of the seed layout's file f
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
@@ -53,12 +54,23 @@ class ManifestClip:
 
 
 @dataclass(frozen=True)
+class SkippedClip:
+    """A clip of the release left out by ``data.on_error: skip``, and why."""
+
+    clip_id: str
+    split: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     dataset: str
     source: str
     sample_rate: int
     audio_root: str
     clips: tuple[ManifestClip, ...]
+    skipped: tuple[SkippedClip, ...] = ()
+    notes: tuple[str, ...] = ()  # said by prepare, not written (e.g. a name matched under NFC)
 
     def split(self, split: str) -> list[ManifestClip]:
         return [c for c in self.clips if c.split == split]
@@ -252,6 +264,8 @@ def write_manifest(path: str | Path, manifest: Manifest) -> None:
             }
             for c in manifest.clips
         ],
+        # Only when some were skipped: a release without bad files keeps its manifest as before.
+        **({"skipped": [dataclasses.asdict(c) for c in manifest.skipped]} if manifest.skipped else {}),
     }
     write_text_atomic(path, json.dumps(doc, indent=1, ensure_ascii=False) + "\n")
 
@@ -279,6 +293,7 @@ def read_manifest(path: str | Path) -> Manifest:
             sample_rate=int(doc["sample_rate"]),
             audio_root=str(doc["audio_root"]),
             clips=clips,
+            skipped=tuple(SkippedClip(str(c["clip_id"]), str(c["split"]), str(c["reason"])) for c in doc.get("skipped", [])),
         )
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise DataError(f"{path}: not a valid manifest: {exc!r}") from exc

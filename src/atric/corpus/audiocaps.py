@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from atric.audio import AUDIO_SUFFIXES
-from atric.corpus.release import open_release, probe_audio, relative_audio_path, release_rows
+from atric.corpus.release import OnError, open_release, probe_audio, relative_audio_path, release_rows
 from atric.layout import EVAL_CAPTIONS_PER_CLIP, SPLITS, Manifest, ManifestClip
 
 AUDIOCAPS_COLUMNS = ("audiocap_id", "youtube_id", "start_time", "caption")
@@ -85,13 +85,13 @@ def _parse_start(text: str) -> float | None:
 
 
 def read_audiocaps(
-    raw_dir: str | Path, *, sample_rate: int, dataset: str = "AudioCaps"
+    raw_dir: str | Path, *, sample_rate: int, dataset: str = "AudioCaps", on_error: OnError = "raise"
 ) -> Manifest:
     """Read and check an AudioCaps release; DataError names the CSV line or audio file and the clip.
 
     ``sample_rate`` is the rate extraction resamples to (``data.sample_rate``); files keep theirs.
     """
-    raw_dir, problems = open_release(raw_dir, "AudioCaps")
+    raw_dir, problems = open_release(raw_dir, "AudioCaps", on_error)
     finder = AudioFinder(raw_dir)
     split_of: dict[str, tuple[str, str]] = {}  # youtube id -> (split, where first listed)
     caption_ids: dict[str, str] = {}  # audiocap_id -> where first listed
@@ -154,13 +154,15 @@ def read_audiocaps(
             audio_path = finder.find(clip_id, split)
             if audio_path is None:
                 expected = raw_dir / "audio" / f"{clip_id}.wav"
-                problems.add(
+                problems.clip_problem(
+                    clip_id,
+                    split,
                     f"{expected} (clip {clip_id!r}, {where}): audio file not found "
                     f"(looked for {clip_id}{{{','.join(AUDIO_SUFFIXES)}}} in audio/{split}/, audio/, "
                     f"{split}/ and {raw_dir})"
                 )
                 continue
-            duration = problems.check(probe_audio, audio_path, clip_id)
+            duration = problems.check_clip(clip_id, split, probe_audio, audio_path, clip_id)
             if duration is None:
                 continue
             clips.append(
@@ -180,4 +182,6 @@ def read_audiocaps(
         sample_rate=sample_rate,
         audio_root=str(raw_dir),
         clips=tuple(clips),
+        skipped=tuple(problems.skipped),
+        notes=tuple(problems.notes),
     )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atric.corpus.release import open_release, probe_audio, relative_audio_path, release_rows
+from atric.corpus.release import OnError, find_file, open_release, probe_audio, relative_audio_path, release_rows
 from atric.layout import Manifest, ManifestClip
 
 CLOTHO_SPLITS = {"development": "train", "validation": "val", "evaluation": "test"}
@@ -28,13 +28,13 @@ def clotho_csv_path(raw_dir: Path, release_split: str) -> Path:
 
 
 def read_clotho(
-    raw_dir: str | Path, *, sample_rate: int, dataset: str = "CLOTHO"
+    raw_dir: str | Path, *, sample_rate: int, dataset: str = "CLOTHO", on_error: OnError = "raise"
 ) -> Manifest:
     """Read and check a Clotho v2 release; DataError names the CSV line or audio file and the clip.
 
     ``sample_rate`` is the rate extraction resamples to (``data.sample_rate``); files keep theirs.
     """
-    raw_dir, problems = open_release(raw_dir, "Clotho")
+    raw_dir, problems = open_release(raw_dir, "Clotho", on_error)
     first_seen: dict[str, str] = {}  # clip id -> where it was first listed
     clips: list[ManifestClip] = []
     for release_split, split in CLOTHO_SPLITS.items():
@@ -55,8 +55,8 @@ def read_clotho(
             empty = [col for col, c in zip(CLOTHO_CAPTION_COLUMNS, captions, strict=True) if not c]
             if empty:
                 problems.add(f"{where}: clip {clip_id!r} has an empty {', '.join(empty)}")
-            audio_path = raw_dir / release_split / clip_id
-            duration = problems.check(probe_audio, audio_path, clip_id)
+            audio_path = find_file(raw_dir / release_split / clip_id, problems)
+            duration = problems.check_clip(clip_id, split, probe_audio, audio_path, clip_id)
             if empty or duration is None:
                 continue
             clips.append(
@@ -75,4 +75,6 @@ def read_clotho(
         sample_rate=sample_rate,
         audio_root=str(raw_dir),
         clips=tuple(clips),
+        skipped=tuple(problems.skipped),
+        notes=tuple(problems.notes),
     )

@@ -54,13 +54,13 @@ def _read_synth(raw_dir: Path, data: DataParams) -> Manifest:
 def _read_clotho(raw_dir: Path, data: DataParams) -> Manifest:
     from atric.corpus.clotho import read_clotho
 
-    return read_clotho(raw_dir, dataset=data.dataset, sample_rate=data.sample_rate)
+    return read_clotho(raw_dir, dataset=data.dataset, sample_rate=data.sample_rate, on_error=data.on_error)
 
 
 def _read_audiocaps(raw_dir: Path, data: DataParams) -> Manifest:
     from atric.corpus.audiocaps import read_audiocaps
 
-    return read_audiocaps(raw_dir, dataset=data.dataset, sample_rate=data.sample_rate)
+    return read_audiocaps(raw_dir, dataset=data.dataset, sample_rate=data.sample_rate, on_error=data.on_error)
 
 
 def _read_seed(raw_dir: Path, data: DataParams) -> Manifest:
@@ -191,4 +191,8 @@ def summarize(manifest: Manifest, layout: Layout | None = None) -> str:
     total = sum(c.duration for c in manifest.clips)
     n_captions = sum(len(c.captions) for c in manifest.clips)
     lines.append(f"  total {len(manifest.clips):>7} clips {n_captions:>8} captions  {_hms(total)}")
+    if manifest.skipped:
+        lines.append(f"  skipped {len(manifest.skipped)} clip(s) (data.on_error=skip; listed in the manifest):")
+        lines += [f"    {c.split}: {c.reason}" for c in manifest.skipped]
+    lines += [f"  note: {note}" for note in manifest.notes]
     return "\n".join(lines)

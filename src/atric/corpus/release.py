@@ -3,14 +3,19 @@ audio header probes and manifest-relative paths."""
 
 from __future__ import annotations
 
+import functools
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import pandas as pd
 
 from atric.audio import audio_duration
 from atric.errors import DataError
+from atric.layout import SkippedClip
+
+OnError = Literal["raise", "skip"]
 
 MAX_REPORTED_PROBLEMS = 10
 T = TypeVar("T")
@@ -18,11 +23,19 @@ T = TypeVar("T")
 
 class Problems:
     """Collects what is wrong across a whole corpus, so one run names every broken file
-    (up to ``MAX_REPORTED_PROBLEMS``) instead of only the first of thousands."""
+    (up to ``MAX_REPORTED_PROBLEMS``) instead of only the first of thousands.
 
-    def __init__(self, what: str) -> None:
+    A problem of one clip's audio (``clip_problem``) is an error under ``on_error: raise`` and,
+    under ``skip``, leaves that clip out: it is listed in ``skipped`` (and the manifest) instead.
+    ``notes`` are things worth saying that are not problems (a file name matched under Unicode
+    normalization)."""
+
+    def __init__(self, what: str, on_error: OnError = "raise") -> None:
         self.what = what
+        self.on_error = on_error
         self.items: list[str] = []
+        self.skipped: list[SkippedClip] = []
+        self.notes: list[str] = []
 
     def add(self, message: str) -> None:
         self.items.append(message)
@@ -33,6 +46,20 @@ class Problems:
             return fn(*args)
         except DataError as exc:
             self.add(str(exc))
+            return None
+
+    def clip_problem(self, clip_id: str, split: str, message: str) -> None:
+        if self.on_error == "skip":
+            self.skipped.append(SkippedClip(clip_id, split, message))
+        else:
+            self.add(message)
+
+    def check_clip(self, clip_id: str, split: str, fn: Callable[..., T], *args: object) -> T | None:
+        """``check`` for one clip's audio: under ``skip`` a DataError skips the clip."""
+        try:
+            return fn(*args)
+        except DataError as exc:
+            self.clip_problem(clip_id, split, str(exc))
             return None
 
     def __bool__(self) -> bool:
@@ -48,6 +75,8 @@ class Problems:
         lines = [f"{len(self.items)} problems in {self.what}:", *(f"  {m}" for m in shown)]
         if more:
             lines.append(f"  ... and {more} more")
+        if self.on_error == "raise":
+            lines.append("  (data.on_error=skip leaves clips whose audio is bad out, and lists them)")
         raise DataError("\n".join(lines))
 
 
@@ -69,12 +98,36 @@ def read_release_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
     return frame
 
 
-def open_release(raw_dir: str | Path, corpus: str) -> tuple[Path, Problems]:
+def open_release(raw_dir: str | Path, corpus: str, on_error: OnError = "raise") -> tuple[Path, Problems]:
     """A release's raw folder (DataError when absent) and the Problems found reading it."""
     raw_dir = Path(raw_dir)
     if not raw_dir.is_dir():
         raise DataError(f"{raw_dir}: {corpus} raw folder not found (data.raw_dir)")
-    return raw_dir, Problems(f"the {corpus} release in {raw_dir}")
+    return raw_dir, Problems(f"the {corpus} release in {raw_dir}", on_error)
+
+
+def find_file(path: Path, problems: Problems) -> Path:
+    """``path``, or the file of its folder whose name is the same under Unicode normalization
+    (NFC): a release written on macOS stores names decomposed (NFD) while its CSV has them
+    composed. A match that needed it is noted; no match returns ``path`` (reported missing)."""
+    if path.exists() or not path.parent.is_dir():
+        return path
+    wanted = unicodedata.normalize("NFC", path.name)
+    listing = _nfc_listing(path.parent)
+    match = listing.get(wanted)
+    if match is None:
+        return path
+    form = "NFD" if unicodedata.is_normalized("NFD", match) else "another form"
+    problems.notes.append(
+        f"{path.parent / match}: listed as {path.name!r}; matched under Unicode normalization "
+        f"(the name on disk is {form}, the listing NFC)"
+    )
+    return path.parent / match
+
+
+@functools.lru_cache(maxsize=64)
+def _nfc_listing(folder: Path) -> dict[str, str]:
+    return {unicodedata.normalize("NFC", entry.name): entry.name for entry in folder.iterdir()}
 
 
 def release_rows(path: Path, columns: Sequence[str], problems: Problems) -> list[tuple[int, tuple[str, ...]]]:

@@ -59,6 +59,7 @@ class ExtractReport:
     computed: int = 0
     reused: int = 0  # taken from shards of an interrupted run or from the previous output
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (clip id, reason)
+    silent: list[str] = field(default_factory=list)  # clips computed here whose audio is all zeros
     up_to_date: bool = False
     audio_seconds: float = 0.0  # audio computed in this run
     compute_seconds: float = 0.0
@@ -78,6 +79,10 @@ class ExtractReport:
         if self.skipped:
             text += f"; {len(self.skipped)} skipped: " + ", ".join(c for c, _ in self.skipped[:10])
             text += " ..." if len(self.skipped) > 10 else ""
+        if self.silent:
+            # Kept (a silent recording is a valid clip), but worth knowing: its features are constant.
+            text += f"; {len(self.silent)} silent (all-zero audio): " + ", ".join(self.silent[:10])
+            text += " ..." if len(self.silent) > 10 else ""
         return text
 
 
@@ -389,6 +394,8 @@ def extract_features(
                         continue
                     rows.append((clip.clip_id, array, fingerprints[clip.clip_id]))
                     report.audio_seconds += wave.shape[0] / expert.sample_rate
+                    if not np.any(wave):
+                        report.silent.append(clip.clip_id)
             if rows:
                 shard = parts / f"shard_{shard_index:05d}.h5"
                 _write_shard(shard, phash, rows)
