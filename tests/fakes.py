@@ -133,3 +133,33 @@ def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
         else:
             base[key] = value
     return base
+
+
+def dvc_env() -> dict[str, str]:
+    """The environment of a DVC/git command in a tiny repo copy: this venv's tools first, no
+    analytics, a git identity, and MLflow's default store (the copy's own mlruns/)."""
+    import os
+    import sys
+
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return env
+
+
+def kill_after_epochs(command: list[str], history_path: Path, epochs: int, **popen: Any) -> None:
+    """Start a training ``command`` and SIGKILL it once ``history_path`` holds ``epochs`` rows."""
+    import json
+    import signal
+    import time
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and process.poll() is None:
+        if history_path.exists() and len(json.loads(history_path.read_text(encoding="utf-8"))) >= epochs:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode() if process.stderr else ""

@@ -5,10 +5,8 @@ from __future__ import annotations
 import json
 import os
 import runpy
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import fakes
 from atric import engine, factory
 from atric.engine import loop
 from atric.errors import AtricError, CheckpointError, DataError
+from atric.layout import Layout
 from atric.model import POOLINGS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -72,7 +71,10 @@ def test_train_writes_checkpoints_and_metrics(data_root: Path, tmp_path: Path, l
 
     test_metrics = engine.evaluate_checkpoint(params, result.run_name)
     assert test_metrics["epoch"] == result.best_epoch
-    assert read_json(tmp_path / "metrics" / "test" / "fa-netrvlad.json") == test_metrics
+    # The file also names the corpus it comes from (the report compares only runs of one corpus).
+    identity = {"dataset": "Fake", "corpus": Layout("Fake", data_root / "data").corpus_fingerprint()}
+    assert read_json(tmp_path / "metrics" / "test" / "fa-netrvlad.json") == {**test_metrics, **identity}
+    assert {k: summary[k] for k in identity} == identity
     assert 0 <= test_metrics["t2a_R10"] <= 100
 
 
@@ -123,15 +125,7 @@ def test_killed_subprocess_restarted_with_the_same_command_continues(data_root: 
     command = [sys.executable, str(REPO / "src" / "train.py"), "--params", str(params_file)]
     history_path = tmp_path / "killed" / "metrics" / "history" / "fa-netvlad.json"
 
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and process.poll() is None:
-        if history_path.exists() and len(read_json(history_path)) >= 2:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode() if process.stderr else ""
+    fakes.kill_after_epochs(command, history_path, 2, env=env)
     killed_at = engine.load_checkpoint(tmp_path / "killed" / "models" / "fa-netvlad" / "last.pt")["epoch"]
     assert 2 <= killed_at < 5
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -61,15 +59,7 @@ def test_a_killed_preset_run_resumes_exactly_and_continues_with_more_epochs(
     command = [sys.executable, str(REPO / "src" / "train.py"), "--params", str(params_file)]
     history_path = tmp_path / "killed" / "metrics" / "history" / "fa-netvlad.json"
 
-    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        if history_path.exists() and len(read_json(history_path)) >= 2:
-            process.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.005)
-    process.wait(timeout=30)
-    assert process.returncode == -signal.SIGKILL, process.stderr.read().decode() if process.stderr else ""
+    fakes.kill_after_epochs(command, history_path, 2, cwd=tmp_path, env=env)
     last = tmp_path / "killed" / "models" / "fa-netvlad" / "last.pt"
     killed_at = engine.load_checkpoint(last)["epoch"]
     assert 2 <= killed_at < 4

@@ -281,20 +281,15 @@ def test_pruning_cuts_trials_in_a_bad_region(
         assert by_trial[trial.number].data.tags["optuna.state"] == "PRUNED"
 
 
-def test_sigterm_fails_the_running_trial_and_queues_a_retry(
-    tmp_path: Path, data_root: Path, env: dict[str, str], one_thread: None
-) -> None:
-    """docker stop / a scheduler's SIGTERM mid-trial: the trial ends FAIL (not RUNNING), its
-    point is queued again (WAITING, same params), the MLflow runs end KILLED."""
-    path = write_tune_params(tmp_path, data_root, train={"epochs": 60}, n_trials=3, study_name="stop")
-    params = load_params(path)
-    study = tuning.create_study(params)
+def sigterm_mid_trial(study: optuna.Study, params: Any, epochs: int) -> None:
+    """Run a worker in this process and SIGTERM it (docker stop, a scheduler) once the running
+    trial has reported ``epochs`` epochs; the worker ends with KeyboardInterrupt."""
 
     def stop_when_training() -> None:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if running and running[0].intermediate_values:
+            if running and len(running[0].intermediate_values) >= epochs:
                 os.kill(os.getpid(), signal.SIGTERM)
                 return
             time.sleep(0.05)
@@ -304,6 +299,18 @@ def test_sigterm_fails_the_running_trial_and_queues_a_retry(
     with pytest.raises(KeyboardInterrupt):
         tuning.run_worker(params)
     watcher.join()
+
+
+def test_sigterm_fails_the_running_trial_and_queues_a_retry(
+    tmp_path: Path, data_root: Path, env: dict[str, str], one_thread: None
+) -> None:
+    """docker stop / a scheduler's SIGTERM mid-trial: the trial ends FAIL (not RUNNING), its
+    point is queued again (WAITING, same params), the MLflow runs end KILLED."""
+    path = write_tune_params(tmp_path, data_root, train={"epochs": 60}, n_trials=3, study_name="stop")
+    params = load_params(path)
+    study = tuning.create_study(params)
+
+    sigterm_mid_trial(study, params, epochs=1)
 
     trials = study.get_trials(deepcopy=False)
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
@@ -327,20 +334,7 @@ def test_a_retried_trial_under_a_length_in_seconds_resumes(
     params = load_params(path)
     study = tuning.create_study(params)
 
-    def stop_when_training() -> None:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-            if running and len(running[0].intermediate_values) >= 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.05)
-
-    watcher = threading.Thread(target=stop_when_training, daemon=True)
-    watcher.start()
-    with pytest.raises(KeyboardInterrupt):
-        tuning.run_worker(params)
-    watcher.join()
+    sigterm_mid_trial(study, params, epochs=2)
     tuning.run_worker(params)
     trials = study.get_trials(deepcopy=False)
     assert trials[0].state == TrialState.FAIL
