@@ -6,7 +6,7 @@ export DVC_NO_ANALYTICS := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: venv run test ui clean-venv stack-up stack-down stack-status weights
+.PHONY: venv run test test-fast ui clean-venv stack-up stack-down stack-status weights
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,10 @@ ui: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# The unit tests: no end-to-end pipeline (slow) and no local services (integration); < 3 min on 2 cores.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow and not integration"
 
 # Official pretrained weights for an expert that needs a download: make weights NAME=panns_cnn14
 weights: venv

@@ -179,3 +179,34 @@ def test_openmp_threads_wait_passively_unless_the_user_says_otherwise() -> None:
     env["OMP_WAIT_POLICY"] = "ACTIVE"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "ACTIVE"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("train:\n  lr: 0.01\n  lr: 0.02\n", r"duplicate key 'lr' \(DVC refuses it.*line 3"),
+        ("train: {epochs: 2}\ntrain: {epochs: 3}\n", r"duplicate key 'train'"),
+        # "A billion laughs": nine levels of nine aliases would expand to 10^9 strings.
+        ("a: &a [x, x, x, x, x, x, x, x, x]\n"
+         + "".join(f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(8)),
+         r"aliases \(\*name\) are not accepted in params"),
+    ],
+)
+def test_params_yaml_with_duplicate_keys_or_aliases_is_refused_naming_the_line(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    import resource
+
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=message):
+        load_params(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 50_000  # KiB: nothing expanded
+
+
+def test_an_oversized_params_file_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("# " + "x" * (2 << 20) + "\n")
+    with pytest.raises(ConfigError, match=r"bytes; a params file is at most 1048576 bytes"):
+        load_params(path)

@@ -248,3 +248,17 @@ def test_synth_source_dispatches_and_probes_audio(tmp_path: Path, monkeypatch: p
 def _break_after(manifest: Manifest, raw_dir: Path) -> Manifest:
     (raw_dir / "audio" / "s2.wav").write_bytes(b"")
     return manifest
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_fifo_or_directory_is_refused_as_audio_before_it_is_opened(tmp_path: Path, kind: str) -> None:
+    """A FIFO blocked the decoder (and `search.py --audio`) forever: refused by its file type."""
+    from atric.audio import audio_duration, load_audio
+    from atric.search.searcher import read_query_audio
+
+    path = tmp_path / "sound.wav"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    word = "a FIFO" if kind == "fifo" else "a directory"
+    for read in (lambda: audio_duration(path), lambda: load_audio(path, 16000), lambda: read_query_audio(path, 16000, 5.0)):
+        with pytest.raises(DataError, match=rf"sound\.wav.*not a regular file \({word}\)"):
+            read()

@@ -278,3 +278,13 @@ def test_table_and_text_hits_show_other_clips_only_for_sound_queries() -> None:
     single = format_table([Hit(1, "c", "val", 0.5, "birds sing", 0)]).splitlines()[1]
     assert single.endswith("birds sing")
     assert "other_clips" not in Hit(1, "c", "val", 0.5, "a text hit").to_dict()
+
+
+def test_the_table_escapes_control_characters_of_captions_and_clip_ids() -> None:
+    """A caption holding terminal escape sequences (clear the screen, set the title) is shown,
+    not obeyed."""
+    hostile = "a bell\x1b]0;owned\x07 rings\x1b[2J\rthen silence"
+    table = format_table([Hit(1, "clip\x1b[31m", "val", 0.5, hostile, 0)])
+    assert "\x1b" not in table and "\x07" not in table and "\r" not in table
+    assert "a bell\\x1b]0;owned\\x07 rings\\x1b[2J\\rthen silence" in table and "clip\\x1b[31m" in table
+    assert "café über" in format_table([Hit(1, "c", "val", 0.5, "café über", 0)])  # printable text as is

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import stat
 import sys
 import tempfile
 import threading
@@ -95,6 +96,20 @@ def _truncation(path: Path, messages: Sequence[str] = ()) -> str | None:
     return None
 
 
+def check_audio_file(path: Path, what: str) -> None:
+    """DataError unless ``path`` is a regular file: a FIFO would block the decoder forever, a
+    device would be read without end, a directory cannot be audio. Checked before opening."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise DataError(f"{what}: audio file not found") from None
+    except OSError as exc:
+        raise DataError(f"{what}: cannot read audio: {exc.strerror}") from exc
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "a device or socket"
+        raise DataError(f"{what}: not a regular file ({kind}); give an audio file")
+
+
 def load_audio(
     path: str | Path, sample_rate: int, clip_id: str | None = None, *, data: bytes | None = None
 ) -> np.ndarray:
@@ -106,8 +121,8 @@ def load_audio(
     """
     path = Path(path)
     what = f"{path}" + (f" (clip {clip_id!r})" if clip_id else "")
-    if data is None and not path.exists():
-        raise DataError(f"{what}: audio file not found")
+    if data is None:
+        check_audio_file(path, what)
     with _decoder_messages(path) as messages:
         try:
             with sf.SoundFile(path if data is None else io.BytesIO(data)) as audio_file:
@@ -156,10 +171,7 @@ def audio_duration(path: str | Path, clip_id: str | None = None) -> float:
     past the end of the file, an mp3 stream is shorter than its header)."""
     path = Path(path)
     what = f"{path}" + (f" (clip {clip_id!r})" if clip_id else "")
-    if not path.exists():
-        raise DataError(f"{what}: audio file not found")
-    if not path.is_file():
-        raise DataError(f"{what}: not a regular file")
+    check_audio_file(path, what)
     with _decoder_messages(path) as messages:
         try:
             info = sf.info(path)

@@ -426,6 +426,51 @@ def _error_message(err: Any) -> str:
     return str(err["msg"]).removeprefix("Value error, ")
 
 
+MAX_PARAMS_BYTES = 1 << 20  # a params file or preset is a page of settings, never megabytes
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML as DVC reads params: duplicate keys refused (DVC refuses the same file; PyYAML kept
+    the last value silently), and no anchors or aliases (nested aliases, "a billion laughs",
+    expand a few hundred bytes into gigabytes; no atric param needs them)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.constructor.ConstructorError(
+                None, None, "aliases (*name) are not accepted in params: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (DVC refuses it; one value per key)", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_params_yaml(path: str | Path) -> Any:
+    """A params file or preset as plain data; ConfigError naming the file and the line of a
+    duplicate key, an alias, bad YAML, or a file too large to be settings."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{path}: {size} bytes; a params file is at most {MAX_PARAMS_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read: {exc}") from exc
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid params YAML: {' '.join(str(exc).split())}") from exc
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``train.lr=0.003`` -> (["train", "lr"], 0.003); the value is parsed as YAML."""
     if "=" not in text:
@@ -434,7 +479,10 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {text!r}: empty key")
-    return parts, yaml.safe_load(raw)
+    try:
+        return parts, yaml.load(raw, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: not a valid YAML value: {' '.join(str(exc).split())}") from exc
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -463,10 +511,7 @@ def load_params(
     if not path.exists() and must_exist:
         raise ConfigError(f"{path}: params file not found")
     if path.exists():
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        raw = read_params_yaml(path) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
     else:
@@ -499,15 +544,12 @@ def preset_overrides(path: str | Path, params_file: str | Path = PARAMS_FILE) ->
     not there, and appends it with the ``+`` prefix.
     """
     path = Path(path)
-    try:
-        preset = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read preset: {exc}") from exc
+    preset = read_params_yaml(path) or {}
     if not isinstance(preset, dict):
         raise ConfigError(f"{path}: a preset is a mapping of params.yaml sections")
     overrides = [f"{key}={_flag_value(value)}" for key, value in flatten(preset).items()]
     load_params(params_file, overrides)  # refuse unknown keys before DVC sees them
-    present = set(flatten(yaml.safe_load(Path(params_file).read_text(encoding="utf-8")) or {}))
+    present = set(flatten(read_params_yaml(params_file) or {}))
     return [f"{'' if text.split('=', 1)[0] in present else '+'}{text}" for text in overrides]
 
 

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Sequence
 
 from atric.search.searcher import Hit
+
+
+def printable(text: str) -> str:
+    """``text`` safe for a terminal: control characters (ESC of an escape sequence that clears
+    the screen or sets the title, BEL, CR, ...) shown as ``\\x1b``-style escapes, never sent."""
+    return "".join(
+        repr(ch)[1:-1] if unicodedata.category(ch) in ("Cc", "Cf") and ch != " " else ch for ch in text
+    )
 
 
 def caption_cell(hit: Hit) -> str:
@@ -19,7 +28,8 @@ def format_table(hits: Sequence[Hit]) -> str:
     if not hits:
         return "(no results)"
     headers = ("rank", "clip", "split", "score", "caption")
-    rows = [(str(h.rank), h.clip_id, h.split, f"{h.score:.4f}", caption_cell(h)) for h in hits]
+    # Clip ids and captions come from the corpus's files: escaped, so a caption cannot drive the terminal.
+    rows = [(str(h.rank), printable(h.clip_id), h.split, f"{h.score:.4f}", printable(caption_cell(h))) for h in hits]
     widths = [max(len(headers[i]), *(len(r[i]) for r in rows)) for i in range(4)]
     right = (True, False, False, True)
 

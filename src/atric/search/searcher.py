@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from atric.audio import load_audio
+from atric.audio import check_audio_file, load_audio
 from atric.config import Params
 from atric.data import pad_words
 from atric.device import resolve_device
@@ -65,6 +65,7 @@ def read_query_audio(path: str | Path, sample_rate: int, max_seconds: float) -> 
     import soundfile as sf
 
     path = Path(path)
+    check_audio_file(path, str(path))  # before opening: a FIFO would block sf.info forever
     try:
         info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError):
