@@ -116,6 +116,7 @@ def test_resume_in_process_matches_an_uninterrupted_run(data_root: Path, tmp_pat
     assert all(torch.equal(full_best[k], resumed_best[k]) for k in full_best)
 
 
+@pytest.mark.slow  # a subprocess kill/restart or several stage processes: make test only
 def test_killed_subprocess_restarted_with_the_same_command_continues(data_root: Path, tmp_path: Path) -> None:
     settings = {"epochs": 5, "pooling": "netvlad"}
     raw = fakes.tiny_params(tmp_path / "killed", **settings)

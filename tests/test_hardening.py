@@ -78,6 +78,7 @@ def _one_error_line(stderr: str) -> str:
 
 
 # ------------------------------------------------------------------ 1. one owner per run
+@pytest.mark.slow  # a subprocess kill/restart or several stage processes: make test only
 def test_second_training_of_a_run_fails_at_once_naming_the_holder_and_a_killed_holder_is_taken_over(
     data_root: Path, tmp_path: Path
 ) -> None:

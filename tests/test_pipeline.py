@@ -13,6 +13,9 @@ import pytest
 import yaml
 from fakes import copy_repo_with_params
 
+# End-to-end (the whole DVC pipeline, built in a temp copy): part of make test, not make test-fast.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 TINY = {

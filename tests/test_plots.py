@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 from fakes import copy_repo_with_params
 
+from atric.engine.runs import run_identity
 from atric.layout import Clip, Layout, write_index
 from atric.metrics import RECALL_KS
 
@@ -29,7 +30,8 @@ def _run(args: list[str], cwd: Path, env: dict[str, str]) -> str:
     return result.stdout
 
 
-def _write_run_files(work: Path, run: str, scale: float) -> None:
+def _write_run_files(work: Path, run: str, scale: float, identity: dict[str, str]) -> None:
+    """A run's metric files as train and evaluate write them, of the corpus ``identity`` names."""
     metrics = work / "metrics"
     for sub in ("history", "recall", "test"):
         (metrics / sub).mkdir(parents=True, exist_ok=True)
@@ -38,14 +40,14 @@ def _write_run_files(work: Path, run: str, scale: float) -> None:
         for e in (1, 2, 3)
     ]
     (metrics / "history" / f"{run}.json").write_text(json.dumps(history))
-    (metrics / f"{run}.json").write_text(json.dumps({**history[-1], "best_epoch": 3, "epochs": 3}))
+    (metrics / f"{run}.json").write_text(json.dumps({**history[-1], "best_epoch": 3, "epochs": 3, **identity}))
     test = {"epoch": 3}
     for direction in ("t2a", "a2t"):
         for k in RECALL_KS:
             test[f"{direction}_R{k}"] = min(100.0, scale * k)
         test |= {f"{direction}_MedR": 2.0, f"{direction}_MeanR": 3.0, f"{direction}_mAP10": 0.4}
         test[f"{direction}_geometric_mean"] = scale * 3
-    (metrics / "test" / f"{run}.json").write_text(json.dumps(test))
+    (metrics / "test" / f"{run}.json").write_text(json.dumps({**test, **identity}))
     rows = [{"K": k, "t2a_recall": test[f"t2a_R{k}"], "a2t_recall": test[f"a2t_R{k}"]} for k in RECALL_KS]
     (metrics / "recall" / f"{run}.json").write_text(json.dumps(rows))
 
@@ -58,7 +60,7 @@ def test_dvc_plots_show_renders_every_configured_plot_with_data(tmp_path: Path) 
     captions = tuple(f"caption {k}" for k in range(5))
     write_index(layout.index_path("test"), [Clip(f"c{i}", captions) for i in range(8)], "test")
     for scale, run in enumerate(RUNS, start=2):
-        _write_run_files(work, run, float(scale))
+        _write_run_files(work, run, float(scale), run_identity(layout))
     _run([sys.executable, "src/report.py", "--no-register"], work, env)
 
     shown = json.loads(_run(["dvc", "plots", "show", "--json"], work, env))

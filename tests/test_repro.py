@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from atric.ops.repro import plan, select
@@ -121,6 +122,7 @@ def test_plan_chains_a_stage_that_only_one_stage_unblocks_and_orders_the_rest() 
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # real dvc repro processes: make test only
 def test_independent_stages_run_side_by_side_and_the_result_is_dvc_repro_s(tmp_path: Path) -> None:
     root = _project(tmp_path / "p", DIAMOND)
     done = _repro(root, "--jobs", "2", "--timings", "t.json")
@@ -146,6 +148,7 @@ def test_independent_stages_run_side_by_side_and_the_result_is_dvc_repro_s(tmp_p
     assert {line.split("'")[1] for line in third.stdout.splitlines() if "Running stage" in line} == set("abcd")
 
 
+@pytest.mark.slow  # real dvc repro processes: make test only
 def test_a_failed_stage_stops_what_depends_on_it_and_the_running_ones_finish(tmp_path: Path) -> None:
     root = _project(tmp_path / "p", {**DIAMOND, "c": (0.5, ["a"])})
     done = _repro(root, "--jobs", "2", env={"FAIL": "c"})
@@ -162,6 +165,7 @@ def test_a_failed_stage_stops_what_depends_on_it_and_the_running_ones_finish(tmp
     assert {line.split("'")[1] for line in rerun.stdout.splitlines() if "Running stage" in line} == set("cde")
 
 
+@pytest.mark.slow  # real dvc repro processes: make test only
 def test_sigterm_reaches_the_running_stages_and_nothing_new_starts(tmp_path: Path) -> None:
     root = _project(tmp_path / "p", {"a": (0.1, []), "b": (60.0, ["a"]), "c": (60.0, ["a"]), "d": (0.1, ["b", "c"])})
     proc = subprocess.Popen(
@@ -182,6 +186,7 @@ def test_sigterm_reaches_the_running_stages_and_nothing_new_starts(tmp_path: Pat
     assert not (root / "d.json").exists()
 
 
+@pytest.mark.slow  # real dvc repro processes: make test only
 def test_one_job_is_plain_dvc_repro_and_bad_targets_are_one_line(tmp_path: Path) -> None:
     root = _project(tmp_path / "p", {"a": (0.1, []), "b": (0.1, ["a"])})
     done = _repro(root, "--jobs", "1")

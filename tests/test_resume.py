@@ -24,7 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 PRESETS = sorted((REPO / "params").glob("*.yaml"))
 HOP_SECONDS = 0.5
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+# Training processes killed and restarted: end-to-end, part of make test, not make test-fast.
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

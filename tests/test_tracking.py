@@ -380,6 +380,7 @@ print(tracking.experiment_id("together"))
 """
 
 
+@pytest.mark.slow  # a subprocess kill/restart or several stage processes: make test only
 def test_stages_started_together_on_a_new_local_store_share_one_experiment(tmp_path: Path) -> None:
     """src/repro.py starts train stages side by side: on a fresh clone the first two both find no
     store and no experiment; both must get the one experiment, neither may fail making tables."""
