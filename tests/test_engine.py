@@ -254,3 +254,14 @@ def test_cli_train_then_evaluate(
     assert saved["t2a_R1"] == history[0]["val_t2a_R1"]  # evaluation = the validation of training
     assert run_cli("evaluate.py", [*common, "--run", "nope"], monkeypatch) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_a_checkpoint_copied_from_another_run_is_refused_naming_both(data_root: Path, tmp_path: Path) -> None:
+    params = make_params(data_root, tmp_path, epochs=1)
+    trained = engine.train(params)
+    copied = tmp_path / "models" / "fa-mean" / "best.pt"
+    copied.parent.mkdir(parents=True)
+    copied.write_bytes(trained.paths.best.read_bytes())
+    with pytest.raises(CheckpointError, match=r"fa-mean/best\.pt: holds run 'fa-netrvlad', not 'fa-mean' .*--run fa-netrvlad"):
+        engine.evaluate_checkpoint(make_params(data_root, tmp_path, epochs=1, pooling="mean"), "fa-mean")
+    assert not (tmp_path / "metrics" / "test" / "fa-mean.json").exists()

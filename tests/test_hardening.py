@@ -259,10 +259,29 @@ def test_crafted_checkpoint_signature_is_refused_quickly_with_a_short_message(tm
         (f"endpoint https://key:{SECRET}@s3.local:8333 down", "endpoint https://key:***@s3.local:8333 down"),
         (f"s3://b/k?X-Amz-Signature={SECRET}&x=1", "s3://b/k?X-Amz-Signature=***&x=1"),
         ("http://user@host:5000 and sqlite:///mlruns/mlflow.db", "http://user@host:5000 and sqlite:///mlruns/mlflow.db"),
+        # Any character in a password: "/" and "@" unencoded (the URL's last "@" ends it), or encoded.
+        ("postgresql://atric:pa/ss:w@rd@127.0.0.1:5432/optuna down", "postgresql://atric:***@127.0.0.1:5432/optuna down"),
+        ("postgresql://atric:pa%2Fss%20w%40rd@db/optuna", "postgresql://atric:***@db/optuna"),
+        ("the champion is models:/atric-SynthCaps@champion", "the champion is models:/atric-SynthCaps@champion"),
     ],
 )
 def test_redact_masks_passwords_and_secret_query_values(text: str, hidden: str) -> None:
     assert redact(text) == hidden
+
+
+def test_a_storage_password_is_masked_in_every_form_a_driver_prints(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A password holding "/" and a space, URL-encoded in ATRIC_OPTUNA_STORAGE: drivers print it
+    decoded ("password authentication failed ... p/ss word"), outside any URL."""
+    from atric.config import Params
+    from atric.ops.tuning import storage_url
+
+    monkeypatch.setenv("ATRIC_OPTUNA_STORAGE", "postgresql://atric:p%2Fss%20word@db/optuna")
+    assert redact("FATAL: password 'p/ss word' rejected") == "FATAL: password '***' rejected"
+    assert redact("postgresql://atric:p/ss word@db/optuna") == "postgresql://atric:***@db/optuna"
+    monkeypatch.delenv("ATRIC_OPTUNA_STORAGE")
+    # Given on the command line (--storage, tune.storage) instead: registered when it is read.
+    storage_url(Params.model_validate({"tune": {"storage": "postgresql://atric:s3cr%2Ft%20x@db/o"}}))
+    assert redact("auth failed for s3cr/t x and s3cr%2Ft%20x") == "auth failed for *** and ***"
 
 
 def test_redact_masks_secret_environment_values(monkeypatch: pytest.MonkeyPatch) -> None:

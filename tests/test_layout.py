@@ -242,3 +242,35 @@ def test_garbage_pickle_refused(tmp_path: pathlib.Path) -> None:
     path.write_bytes(pickle.dumps({"a": [np.ones((2, 2))]})[:-7])
     with pytest.raises(DataError, match=r"w2v_test\.pkl: not a readable pickle"):
         read_legacy_text_pickle(path)
+
+
+@pytest.mark.parametrize("kind", ["external", "soft", "virtual"])
+def test_feature_and_index_files_refuse_values_stored_elsewhere(tmp_path: pathlib.Path, kind: str) -> None:
+    """DVC hashes a feature file, not what its links or virtual datasets point to (maybe outside
+    the tree): such a clip is refused naming it, never trained on silently."""
+    import h5py
+
+    from atric.layout import FeatureFile, local_dataset
+
+    outside = tmp_path / "outside.h5"
+    with h5py.File(outside, "w") as h5:
+        h5["secret"] = np.ones((3, 4), np.float32)
+    path = tmp_path / "features.h5"
+    with h5py.File(path, "w") as h5:
+        h5["real"] = np.ones((3, 4), np.float32)
+        if kind == "external":
+            h5["clip"] = h5py.ExternalLink(str(outside), "secret")
+        elif kind == "soft":
+            h5["clip"] = h5py.SoftLink("/real")
+        else:
+            layout = h5py.VirtualLayout(shape=(3, 4), dtype=np.float32)
+            layout[:] = h5py.VirtualSource(str(outside), "secret", shape=(3, 4))
+            h5.create_virtual_dataset("clip", layout)
+    words = {"external": r"an external link to .*outside\.h5:secret", "soft": "a soft link to /real",
+             "virtual": "a virtual dataset"}[kind]
+    with FeatureFile(path) as features:
+        assert features["real"].shape == (3, 4)
+        with pytest.raises(DataError, match=rf"features\.h5: 'clip' is {words}"):
+            features["clip"]
+    with h5py.File(path, "r") as h5, pytest.raises(DataError, match=rf"'clip' is {words}"):
+        local_dataset(h5, "clip", str(path))

@@ -347,6 +347,27 @@ def write_features(
     return count
 
 
+def local_dataset(h5: h5py.File | h5py.Group, name: str, where: str) -> h5py.Dataset:
+    """``h5[name]`` if it is a dataset whose values are in this file; DataError naming it when
+    it is a link (external, or soft), a virtual dataset or raw external storage: those read other
+    files, which DVC's hash of this one does not cover (and which may lie outside the tree)."""
+    link = h5.get(name, getlink=True)
+    if link is None:
+        raise DataError(f"{where}: {name!r} not found")
+    if isinstance(link, h5py.ExternalLink):
+        raise DataError(f"{where}: {name!r} is an external link to {link.filename}:{link.path}; values must be stored in the file")
+    if isinstance(link, h5py.SoftLink):
+        raise DataError(f"{where}: {name!r} is a soft link to {link.path}; values must be stored under their own name")
+    node = h5[name]
+    if not isinstance(node, h5py.Dataset):
+        raise DataError(f"{where}: {name!r} is a group, expected a dataset")
+    if node.is_virtual:
+        raise DataError(f"{where}: {name!r} is a virtual dataset (its values live in other files); not accepted")
+    if node.external is not None:
+        raise DataError(f"{where}: {name!r} keeps its values in external files; not accepted")
+    return node
+
+
 class FeatureFile:
     """Read-only access to one expert/split HDF5 file; opens lazily, one clip at a time."""
 
@@ -393,12 +414,9 @@ class FeatureFile:
 
     def _dataset(self, clip_id: str) -> h5py.Dataset:
         h5 = self._file()
-        if clip_id not in h5:
+        if h5.get(clip_id, getlink=True) is None:
             raise DataError(f"{self.path}: clip {clip_id!r} has no features")
-        node = h5[clip_id]
-        if not isinstance(node, h5py.Dataset):
-            raise DataError(f"{self.path}: {clip_id!r} is a group, expected a [T, D] dataset")
-        return node
+        return local_dataset(h5, clip_id, str(self.path))
 
     def __getitem__(self, clip_id: str) -> np.ndarray:
         return check_feature_array(self._dataset(clip_id)[()], f"{self.path}:{clip_id}", self.dim)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -77,6 +80,20 @@ def check_experts_known(layout: Layout, experts: list[str] | tuple[str, ...], sp
             )
 
 
+def check_identity(checkpoint: dict[str, Any], path: Path, run_name: str, dataset: str) -> None:
+    """CheckpointError unless ``checkpoint`` is run ``run_name``'s, trained on ``dataset``: a
+    best.pt copied from another run must not be evaluated (and reported) under this run's name."""
+    saved_run = checkpoint.get("run_name")
+    if saved_run is not None and saved_run != run_name:
+        raise CheckpointError(
+            f"{path}: holds run {saved_run!r}, not {run_name!r} (copied from another run?); "
+            f"evaluate it as --run {saved_run}, or retrain {run_name}"
+        )
+    saved_dataset = checkpoint.get("signature", {}).get("data.dataset")
+    if saved_dataset is not None and saved_dataset != dataset:
+        raise CheckpointError(f"{path}: run {run_name!r} was trained on {saved_dataset!r}, params say {dataset!r}")
+
+
 def evaluate_checkpoint(
     params: Params, run_name: str, split: str = "test", which: str = "best"
 ) -> dict[str, float]:
@@ -98,6 +115,7 @@ def evaluate_checkpoint(
         # `--expert mfcc` asks for run mfcc-<pooling>: say the expert is unknown, not "not trained".
         check_experts_known(layout, tp.experts, split)
     checkpoint = load_checkpoint(path)
+    check_identity(checkpoint, path, run_name, params.data.dataset)
     check_experts_known(layout, list(checkpoint["max_frames"]), split)
     trained_vectors = checkpoint["signature"].get("text.vectors")
     if trained_vectors != params.text.vectors:

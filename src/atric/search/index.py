@@ -53,7 +53,7 @@ from atric.engine import RunPaths, load_checkpoint
 from atric.errors import DataError
 from atric.factory import model_from_checkpoint
 from atric.features.base import sha256_file
-from atric.layout import H5_REPRODUCIBLE, SPLITS, FeatureFile, Layout, read_text_attrs, set_attrs
+from atric.layout import H5_REPRODUCIBLE, SPLITS, FeatureFile, Layout, local_dataset, read_text_attrs, set_attrs
 from atric.model import RetrievalModel
 from atric.search.ann import EXACT_BELOW, AnnInfo, ApproximateIndex, ann_path, clip_rows
 
@@ -259,13 +259,13 @@ def load_index(path: str | Path) -> SearchIndex:
             if attrs.get("format") != INDEX_FORMAT:
                 raise DataError(f"{path}: not an atric search index (format {INDEX_FORMAT} expected)")
             index = SearchIndex(
-                clip_ids=list(h5["clip_ids"].asstr()[()]),
-                splits=np.asarray(h5["splits"].asstr()[()], dtype=object),
-                audio=np.asarray(h5["audio"][()], np.float32),
-                caption_offsets=np.asarray(h5["caption_offsets"][()], np.int64),
-                captions=list(h5["captions"].asstr()[()]),
-                caption_text=np.asarray(h5["caption_text"][()], np.float32),
-                caption_weights=np.asarray(h5["caption_weights"][()], np.float32),
+                clip_ids=list(local_dataset(h5, "clip_ids", str(path)).asstr()[()]),
+                splits=np.asarray(local_dataset(h5, "splits", str(path)).asstr()[()], dtype=object),
+                audio=np.asarray(local_dataset(h5, "audio", str(path))[()], np.float32),
+                caption_offsets=np.asarray(local_dataset(h5, "caption_offsets", str(path))[()], np.int64),
+                captions=list(local_dataset(h5, "captions", str(path)).asstr()[()]),
+                caption_text=np.asarray(local_dataset(h5, "caption_text", str(path))[()], np.float32),
+                caption_weights=np.asarray(local_dataset(h5, "caption_weights", str(path))[()], np.float32),
                 attrs=attrs,
             )
     except (OSError, KeyError) as exc:

@@ -19,7 +19,7 @@ from atric.config import (
 )
 from atric.engine import run_name_for
 from atric.ops.tuning.common import StaleTrialCallback, TuneError
-from atric.redact import redact
+from atric.redact import redact, register_url
 
 log = logging.getLogger("atric.ops.tuning")
 
@@ -33,7 +33,9 @@ def study_name_for(params: Params) -> str:
 
 
 def storage_url(params: Params) -> str:
-    """``tune.storage`` (src/tune.py fills it from ``--storage``, else ``ATRIC_OPTUNA_STORAGE``)."""
+    """``tune.storage`` (src/tune.py fills it from ``--storage``, else ``ATRIC_OPTUNA_STORAGE``);
+    its password is masked in every message from here on, in every form a driver may print."""
+    register_url(params.tune.storage)
     return _normalise_url(params.tune.storage)
 
 
