@@ -262,6 +262,12 @@ def test_a_stage_never_imports_mlflow_itself(data_root: Path, tmp_path: Path) ->
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id])
     assert [m.source_run_id for m in models] == [run.info.run_id]  # the model was logged into the run
 
+    # The same command again, with nothing left to train: no second FINISHED run of the same name.
+    again = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.split()[-1] == done.stdout.split()[-1]  # the same best epoch
+    assert [r.info.run_id for r in _runs(client)] == [run.info.run_id]
+
 
 def test_stop_signals_are_taken_over_only_from_python_defaults() -> None:
     def own(signum: int, frame: Any) -> None:

@@ -192,6 +192,14 @@ def _train_locked(
     if restart:
         for name in (tracking.RUN_ID_FILE, tracking.TRACKING_PENDING_FILE):
             (paths.run_dir / name).unlink(missing_ok=True)
+    if policy in ("auto", "resume") and _finished_and_logged(params, paths):
+        # The same command again after the run finished: nothing to train and nothing to log, so
+        # no MLflow run is opened (each rerun used to add another FINISHED run of the same name).
+        log.info(
+            "%s: already trained to epoch %d and logged to MLflow run %s; nothing to do",
+            run_name, params.train.epochs, tracking.recorded_run_id(paths.run_dir),
+        )  # fmt: skip
+        return train(params, run_name=run_name, resume=resume, callbacks=list(callbacks))
     device = resolve_device(params.train.device)
     with tracking.tracked_run(
         params.data.dataset,
@@ -221,6 +229,16 @@ def _train_locked(
         _log_artifacts(result.paths, mlflow_process, run_id, log_model=log_model)
     (paths.run_dir / tracking.TRACKING_PENDING_FILE).unlink(missing_ok=True)
     return result
+
+
+def _finished_and_logged(params: Params, paths: RunPaths) -> bool:
+    """``last.pt`` is at ``train.epochs`` (the preflight checked it may continue) and its MLflow
+    run holds everything (a run id recorded, no logging pending)."""
+    if not paths.last.exists() or tracking.tracking_pending(paths.run_dir):
+        return False
+    if tracking.recorded_run_id(paths.run_dir) is None or not paths.best.exists():
+        return False
+    return int(load_checkpoint(paths.last)["epoch"]) == params.train.epochs
 
 
 def _log_run_metrics(
