@@ -4,6 +4,7 @@ nothing is kept, the checkpoint path never holds a partial file, offline fails f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.server
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,6 +29,8 @@ PAYLOAD = os.urandom(300_000)
 class _Server(http.server.ThreadingHTTPServer):
     cut_after: int | None = None  # close the connection after this many body bytes (once)
     ignore_range = False
+    endless = False  # a body without Content-Length that never ends
+    trickle = False  # one byte every 0.2 s
     ranges: list[str | None]
 
 
@@ -39,6 +43,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         header = self.headers.get("Range")
         self.server.ranges.append(header)
+        if self.server.endless or self.server.trickle:
+            self.send_response(200)
+            self.end_headers()
+            with contextlib.suppress(OSError):  # the client hangs up
+                for _ in range(100_000):
+                    self.wfile.write(b"x" if self.server.trickle else b"x" * 65536)
+                    self.wfile.flush()
+                    if self.server.trickle:
+                        time.sleep(0.2)
+            return
         start = 0
         if header and not self.server.ignore_range:
             start = int(header.removeprefix("bytes=").split("-")[0])
@@ -178,3 +192,42 @@ def test_default_destination_is_the_params_checkpoint(tmp_path: Path, server: _S
     assert proc.returncode == 2 and f"error: {dest}: downloaded file does not verify" in proc.stderr
     assert "bfb1f1f9968938fa8ef4012b8471f5f6" in proc.stderr
     assert not any(dest.parent.iterdir())
+
+
+def test_an_endless_body_is_cut_at_the_sources_size_and_nothing_is_kept(
+    tmp_path: Path, server: _Server, fixture_source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No Content-Length and no end: the download stops past the largest such file (2.2 GB was
+    written in 20 s before)."""
+    monkeypatch.setitem(weights.SOURCES, fixture_source, weights.SOURCES[fixture_source].__class__(
+        "unused", md5=hashlib.md5(PAYLOAD).hexdigest(), max_bytes=2_000_000))
+    server.endless = True
+    dest = tmp_path / "weights.pth"
+    with pytest.raises(CheckpointError, match=r"passed 2000000 bytes, more than any such file; nothing kept"):
+        fetch(fixture_source, dest, url=url(server), progress=False)
+    assert not dest.exists() and not dest.with_name("weights.pth.part").exists()
+
+
+def test_a_trickling_server_is_given_up_on_below_the_minimum_rate(
+    tmp_path: Path, server: _Server, fixture_source: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One byte every 0.2 s never trips the per-read timeout; the average rate does."""
+    monkeypatch.setattr(weights, "RATE_GRACE_SECONDS", 1.0)
+    server.trickle = True
+    dest = tmp_path / "weights.pth"
+    started = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"download too slow \(\d+ B/s over \d+ s, below 1000\); rerun to resume"):
+        fetch(fixture_source, dest, url=url(server), progress=False, min_rate=1000)
+    assert time.monotonic() - started < 10
+
+
+def test_a_part_file_that_is_a_symlink_is_not_written_through(
+    tmp_path: Path, server: _Server, fixture_source: str
+) -> None:
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    dest = tmp_path / "weights.pth"
+    dest.with_name("weights.pth.part").symlink_to(target)
+    with pytest.raises(CheckpointError, match=r"weights\.pth\.part: not a regular file \(a link\?\)"):
+        fetch(fixture_source, dest, url=url(server), progress=False)
+    assert target.read_text() == "keep me" and server.ranges == []

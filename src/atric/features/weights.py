@@ -23,6 +23,7 @@ import hashlib
 import http.client
 import os
 import sys
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ from atric.errors import CheckpointError, ConfigError
 
 CHUNK = 1 << 16
 DEFAULT_TIMEOUT = 10.0  # seconds without a byte before giving up (offline fails this fast)
+# A download that stays under MIN_RATE bytes/s over its whole time after the first
+# RATE_GRACE_SECONDS (a server trickling a byte every few seconds never hits the per-read
+# timeout), or that runs past DEFAULT_DEADLINE, is stopped; what it wrote stays resumable.
+MIN_RATE = 10_000
+RATE_GRACE_SECONDS = 30.0
+DEFAULT_DEADLINE = 3 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,9 @@ class Source:
     md5: str | None = None  # the publisher's md5 of the whole file
     sha256_prefix: str | None = None  # leading hex digits of the sha256 (torch.hub file names)
     checksum_source: str = ""
+    # No file of it is larger: a body past this (or a Content-Length above it) is refused, so an
+    # endless or mistaken response cannot fill the disk. Generous: the files are 5-330 MB.
+    max_bytes: int = 512 << 20
 
 
 SOURCES: dict[str, Source] = {
@@ -94,6 +104,30 @@ def _check(name: str, source: Source, md5: str, sha256: str, user_sha256: str | 
     return None
 
 
+def _open_part(part: Path) -> Any:
+    """``part`` for appending, never through a symbolic link put there meanwhile (O_NOFOLLOW)."""
+    try:
+        fd = os.open(part, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        raise CheckpointError(f"{part}: cannot write ({exc.strerror}; a link?); remove it to download again") from exc
+    return os.fdopen(fd, "ab")
+
+
+def _check_bounds(dest: Path, part: Path, source: Source, size: int, downloaded: int, seconds: float,
+                  deadline: float, min_rate: float) -> None:  # fmt: skip
+    """CheckpointError when a download has grown past its source's size or is too slow."""
+    if size > source.max_bytes:
+        part.unlink(missing_ok=True)  # past any real file of it: nothing worth resuming
+        raise CheckpointError(f"{dest}: the download passed {source.max_bytes} bytes, more than any such file; nothing kept")
+    if seconds > deadline:
+        raise CheckpointError(f"{dest}: download still running after {deadline:.0f} s; rerun to resume from {part}")
+    if seconds > RATE_GRACE_SECONDS and downloaded / seconds < min_rate:
+        raise CheckpointError(
+            f"{dest}: download too slow ({downloaded / seconds:.0f} B/s over {seconds:.0f} s, below {min_rate:.0f}); "
+            f"rerun to resume from {part}"
+        )
+
+
 def fetch(
     name: str,
     dest: Path,
@@ -102,10 +136,15 @@ def fetch(
     sha256: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     progress: bool = True,
+    deadline: float = DEFAULT_DEADLINE,
+    min_rate: float = MIN_RATE,
 ) -> FetchResult:
     """Download ``name``'s official weights to ``dest`` (resumable, verified, atomic).
 
     ``url`` replaces the official address (a mirror); the publisher's checksum still applies.
+    Bounded: at most the source's ``max_bytes`` in all, ``deadline`` seconds, and on average
+    ``min_rate`` bytes/s after the first ``RATE_GRACE_SECONDS``; ``<dest>.part`` is never
+    followed if it is a symbolic link.
     Raises CheckpointError with a one-line message (naming ``dest`` and where to get the
     file by hand) when the download fails or the file does not verify.
     """
@@ -124,6 +163,8 @@ def fetch(
         raise CheckpointError(f"{dest}: exists but does not verify ({problem}); remove it to download again")
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
+    if part.is_symlink() or (part.exists() and not part.is_file()):
+        raise CheckpointError(f"{part}: not a regular file (a link?); remove it to download again")
     resumed = part.stat().st_size if part.exists() else 0
     md5, digest = _hashes(part)
     downloaded = 0
@@ -148,18 +189,27 @@ def fetch(
                 part.unlink()
             length = response.headers.get("Content-Length")
             total = resumed + int(length) if length and length.isdigit() else None
+            if total is not None and total > source.max_bytes:
+                raise CheckpointError(
+                    f"{dest}: {url} declares {total} bytes, more than any {name} file ({source.max_bytes}); "
+                    f"nothing downloaded; {by_hand}"
+                )
             bar = tqdm(
                 total=total, initial=resumed, unit="B", unit_scale=True, desc=name,
                 disable=not progress, file=sys.stderr,
             )  # fmt: skip
+            started = time.monotonic()
             try:
-                with part.open("ab") as out:
-                    while chunk := response.read(CHUNK):
+                with _open_part(part) as out:
+                    # read1: what has arrived, so the bounds below are checked however slow the server.
+                    while chunk := response.read1(CHUNK):
                         out.write(chunk)
                         md5.update(chunk)
                         digest.update(chunk)
                         downloaded += len(chunk)
                         bar.update(len(chunk))
+                        _check_bounds(dest, part, source, resumed + downloaded, downloaded,
+                                      time.monotonic() - started, deadline, min_rate)  # fmt: skip
             except (TimeoutError, OSError, http.client.HTTPException) as exc:
                 raise CheckpointError(
                     f"{dest}: download interrupted after {resumed + downloaded} bytes ({exc}); "
