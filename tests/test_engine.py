@@ -19,7 +19,7 @@ import fakes
 
 from atric import engine, factory
 from atric.engine import loop
-from atric.errors import AtricError, CheckpointError, DataError
+from atric.errors import AtricError, CheckpointError, ConfigError, DataError
 from atric.layout import Layout
 from atric.model import POOLINGS
 
@@ -265,3 +265,18 @@ def test_a_checkpoint_copied_from_another_run_is_refused_naming_both(data_root: 
     with pytest.raises(CheckpointError, match=r"fa-mean/best\.pt: holds run 'fa-netrvlad', not 'fa-mean' .*--run fa-netrvlad"):
         engine.evaluate_checkpoint(make_params(data_root, tmp_path, epochs=1, pooling="mean"), "fa-mean")
     assert not (tmp_path / "metrics" / "test" / "fa-mean.json").exists()
+
+
+@pytest.mark.parametrize(("key", "value"), [("audio_clusters", 10_000_000), ("embed_dim", 1_000_000)])
+def test_a_model_size_beyond_the_machine_is_refused_naming_the_key_before_allocating(
+    data_root: Path, tmp_path: Path, key: str, value: int
+) -> None:
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ConfigError, match=rf"train\.{key}={value}: the model would have [\d,]+ parameters, .* GiB to train"):
+        engine.train(make_params(data_root, tmp_path, epochs=1, **{key: value}))
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing allocated
+    assert not (tmp_path / "models" / "fa-netrvlad" / "last.pt").exists()
+    # Within memory, the count decides, not the value: twice the default trains.
+    factory.check_model_size(make_params(data_root, tmp_path, **{key: 24}).train, {"fa": 8}, 6, memory_bytes=1 << 30)

@@ -292,3 +292,26 @@ def test_minilm_word_vectors_are_contextual() -> None:
     assert mean(0) @ mean(1) > mean(0) @ mean(2)  # semantics survive per-word pooling
     assert not np.allclose(found[3].vectors[-1], found[4].vectors[-1], atol=1e-3)  # "bank" in context
     assert embed_caption(source, "?!", TextParams(on_empty="unk")).shape == (1, 384)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("huge.txt", b"2000000000 1000\nbell 0.1 0.2\n"),  # 28 bytes declaring 2e9 x 1000 floats
+        ("huge.bin", b"2000000000 1000\nbell \x00\x00\x80\x3f\n"),
+        ("huge.txt.gz", gzip.compress(b"2000000000 1000\nbell 0.1 0.2\n")),
+    ],
+)
+def test_a_word_vector_header_declaring_more_than_the_file_holds_is_refused_before_allocating(
+    tmp_path: Path, name: str, content: bytes
+) -> None:
+    import resource
+
+    from atric.text.vectors import load_vectors_file
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"header declares 2000000000 vectors of 1000 values .* truncated or not word2vec"):
+        load_vectors_file(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: under 200 MB

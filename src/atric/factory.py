@@ -7,12 +7,14 @@ all call these, so a param (e.g. ``train.margin``) reaches its module through on
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 from torch import nn
 
 from atric.config import TrainParams
+from atric.errors import ConfigError
 from atric.losses import build_loss as _build_named_loss
 from atric.model import RetrievalModel
 
@@ -31,6 +33,51 @@ def build_model(train: TrainParams, expert_dims: dict[str, int], text_dim: int) 
         fusion=train.fusion,
         transformer_width=train.transformer_width,
         transformer_heads=train.transformer_heads,
+    )
+
+
+# The train params that size the model; a unit or typing mistake in one (10^7 clusters) once
+# allocated 5-6 GB, then failed with a traceback and a FAILED MLflow run.
+MODEL_SIZE_KEYS = ("embed_dim", "audio_clusters", "text_clusters", "ghost_clusters", "lstm_hidden", "transformer_width")
+TRAINING_BYTES_PER_PARAM = 16  # fp32 weights, their gradients and two optimiser moments
+ORDINARY_FACTOR = 16  # sizes up to this many times their defaults are not counted
+MEMORY_SHARE = 8
+
+
+def parameter_count(train: TrainParams, expert_dims: dict[str, int], text_dim: int) -> int:
+    """The model's parameter count, built on the meta device: no memory is allocated."""
+    with torch.device("meta"):
+        model = build_model(train, expert_dims, text_dim)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_model_size(
+    train: TrainParams, expert_dims: dict[str, int], text_dim: int, memory_bytes: int | None = None
+) -> None:
+    """ConfigError naming the key when the model's training state (weights, gradients, optimiser
+    moments) needs over 1/``MEMORY_SHARE`` of the machine's memory (``memory_bytes``, default:
+    physical memory): the activations of a batch scale with the same sizes and take several times
+    more. The key named is the one whose default value would shrink the model most."""
+    defaults = type(train)()
+    if memory_bytes is None and all(
+        getattr(train, key) <= ORDINARY_FACTOR * max(1, getattr(defaults, key)) for key in MODEL_SIZE_KEYS
+    ):
+        return  # every size within 16x its default: fits any machine that trains (and skips ~0.8 s of meta set-up)
+    memory = memory_bytes or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    count = parameter_count(train, expert_dims, text_dim)
+    need = count * TRAINING_BYTES_PER_PARAM
+    if need <= memory // MEMORY_SHARE:
+        return
+
+    def saved(key: str) -> int:
+        return count - parameter_count(train.model_copy(update={key: getattr(defaults, key)}), expert_dims, text_dim)
+
+    key = max(MODEL_SIZE_KEYS, key=saved)
+    raise ConfigError(
+        f"train.{key}={getattr(train, key)}: the model would have {count:,} parameters, {need / 2**30:.1f} GiB "
+        f"to train (weights, gradients, optimiser state), over 1/{MEMORY_SHARE} of this machine's {memory / 2**30:.0f} GiB "
+        f"(a batch's activations take several times more); "
+        f"lower it (default {getattr(defaults, key)})"
     )
 
 

@@ -40,7 +40,14 @@ from atric.engine.evaluation import evaluate_split
 from atric.engine.resume import check_continuable, open_run_splits
 from atric.engine.runs import SELECTION_METRIC, RunPaths, run_identity, run_name_for
 from atric.errors import AtricError, CheckpointError, ConfigError, DataError
-from atric.factory import build_loss, build_model, build_optimizer, build_scheduler, scheduler_steps_per_batch
+from atric.factory import (
+    build_loss,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    check_model_size,
+    scheduler_steps_per_batch,
+)
 from atric.layout import Layout
 from atric.losses import merge_caption_similarities
 from atric.model import RetrievalModel
@@ -284,6 +291,7 @@ def _fit(
 ) -> TrainResult:
     """The epochs of ``train``: build or restore the state, then train, validate, checkpoint."""
     tp = params.train
+    check_model_size(tp, train_data.expert_dims, train_data.text_dim)
     model = build_model(tp, train_data.expert_dims, train_data.text_dim).to(device)
     loss_fn.to(device)
     optimizer = build_optimizer(tp, model, loss_fn)

@@ -33,7 +33,7 @@ from atric.engine import (
 from atric.engine.evaluation import check_experts_known
 from atric.engine.resume import check_continuable, continuable_without_data, open_run_splits
 from atric.errors import CheckpointError
-from atric.factory import build_model, model_from_checkpoint
+from atric.factory import build_model, check_model_size, model_from_checkpoint
 from atric.layout import Layout
 from atric.model import RetrievalModel
 from atric.ops import tracking
@@ -162,6 +162,7 @@ def _preflight(params: Params, paths: RunPaths, policy: ResumePolicy) -> None:
         raise CheckpointError(f"{paths.last}: nothing to resume (no checkpoint); drop --resume to start fresh")
     train_data, val_data = open_run_splits(params, cache_in_ram="no")
     try:
+        check_model_size(tp, train_data.expert_dims, train_data.text_dim)
         # pipeline: _apply_pipeline_policy sets a different last.pt aside; restart discards it.
         if policy in ("auto", "resume") and paths.last.exists():
             config = build_model(tp, train_data.expert_dims, train_data.text_dim).config()

@@ -319,9 +319,39 @@ def sniff_vectors_format(path: str | Path) -> str:
     )
 
 
+MAX_COMPRESSION_RATIO = 1100
+
+
+def check_declared_size(path: Path, fmt: str) -> None:
+    """DataError when a word2vec header ("<count> <dim>") declares more vectors than the file's
+    bytes can hold, checked before gensim allocates count x dim floats (a 22-byte file declaring
+    2e9 x 1000 took 15.8 GB). Each vector takes at least dim x 4 bytes (binary) or dim x 2
+    ("0 " per value, text), plus a word and a separator."""
+    if fmt not in ("word2vec-bin", "word2vec-text"):
+        return
+    with _open_maybe_compressed(path) as fh:
+        header = fh.readline(256).split()
+    try:
+        count, dim = int(header[0]), int(header[1])
+    except (IndexError, ValueError):
+        raise DataError(f"{path}: the first line must be '<count> <dim>' ({fmt})") from None
+    if count < 1 or dim < 1:
+        raise DataError(f"{path}: header declares {count} x {dim} vectors")
+    per_vector = (4 * dim if fmt == "word2vec-bin" else 2 * dim) + 2
+    size = path.stat().st_size
+    # A compressed file holds at most what its format can expand to (DEFLATE and bzip2: ~1000:1).
+    size *= MAX_COMPRESSION_RATIO if path.suffix in (".gz", ".bz2") else 1
+    if count * per_vector > size:
+        raise DataError(
+            f"{path}: header declares {count} vectors of {dim} values (at least {count * per_vector} bytes), "
+            f"but the file holds {size} bytes: truncated or not {fmt}"
+        )
+
+
 def load_vectors_file(path: str | Path) -> KeyedVectorSource:
     path = Path(path)
     fmt = sniff_vectors_format(path)
+    check_declared_size(path, fmt)
     try:
         if fmt == "fasttext-bin":
             from gensim.models.fasttext import load_facebook_vectors
