@@ -93,3 +93,18 @@ def test_classes_outside_the_allowed_set_are_refused(tmp_path: Path, stream: byt
     with pytest.raises(DataError, match=message):
         read_legacy_text_pickle(path)
     assert not Path("/tmp/atric-pwned").exists()
+
+
+def test_a_pickle_whose_dtype_carries_a_sub_array_shape_is_refused_before_allocating(tmp_path: Path) -> None:
+    """shape (200,) of dtype "(1000,1000)f8" is 1.6 GB: the dtype's size counts, not the shape's."""
+    import resource
+
+    dtype_body = pickle.dumps(np.dtype(("f8", (1000, 1000))), protocol=2)[2:-1]
+    stream = b"\x80\x02cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\xc8\x85" + dtype_body + b"\x87R."
+    path = tmp_path / "subarray.pkl"
+    path.write_bytes(stream)
+    assert path.stat().st_size < 300
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match=r"subarray\.pkl: an array of shape \(200,\) exceeds the 64 MiB bound"):
+        restricted_load(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB

@@ -81,9 +81,11 @@ class _RestrictedUnpickler(pickle.Unpickler):
         def bounded(subtype: Any, shape: Any, dtype: Any) -> Any:
             try:
                 items = int(np.prod(np.asarray(shape, dtype=np.int64)))
+                # The dtype's own size: a sub-array dtype ("(1000,1000)f8") multiplies the shape.
+                itemsize = max(8, int(np.dtype(dtype).itemsize))
             except (TypeError, ValueError, OverflowError):
-                raise DataError(f"{self._source}: array with an unreadable shape {shape!r}") from None
-            if items < 0 or items * 8 > self._max_array_bytes:  # 8: the widest dtype we admit
+                raise DataError(f"{self._source}: array with an unreadable shape {shape!r} or dtype") from None
+            if items < 0 or items * itemsize > self._max_array_bytes:
                 raise DataError(
                     f"{self._source}: an array of shape {tuple(np.atleast_1d(shape).tolist())} exceeds the "
                     f"{self._max_array_bytes >> 20} MiB bound for one legacy array; refused before allocating"
