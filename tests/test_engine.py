@@ -280,3 +280,18 @@ def test_a_model_size_beyond_the_machine_is_refused_naming_the_key_before_alloca
     assert not (tmp_path / "models" / "fa-netrvlad" / "last.pt").exists()
     # Within memory, the count decides, not the value: twice the default trains.
     factory.check_model_size(make_params(data_root, tmp_path, **{key: 24}).train, {"fa": 8}, 6, memory_bytes=1 << 30)
+
+
+def test_a_checkpoint_whose_compressed_tensor_would_inflate_far_beyond_the_file_is_refused(tmp_path: Path) -> None:
+    import zipfile
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"format": 1, "model": torch.zeros(16 << 20)}, plain)  # 64 MiB of zeros
+    crafted = tmp_path / "crafted.pt"
+    with zipfile.ZipFile(plain) as source, zipfile.ZipFile(crafted, "w", zipfile.ZIP_DEFLATED) as out:
+        for info in source.infolist():
+            out.writestr(info.filename, source.read(info.filename))
+    assert crafted.stat().st_size < (1 << 20)
+    with pytest.raises(CheckpointError, match=r"crafted\.pt: its entries declare \d+ bytes in a \d+-byte file"):
+        engine.load_checkpoint(crafted)
+    assert engine.load_checkpoint(plain)["model"].numel() == 16 << 20  # the same, stored as torch.save does

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import random
+import zipfile
 import reprlib
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,8 @@ from atric.errors import CheckpointError
 CHECKPOINT_FORMAT = 1
 # Parts of a checkpoint that are plain data (not tensors of weights), checked with bounds on load.
 _PLAIN_PARTS = ("signature", "model_config", "max_frames", "metrics", "run_name", "params_hash")
-_HISTORY_NODES = 2_000_000  # one row of ~30 metrics per epoch: far beyond any real run
+_HISTORY_NODES = 2_000_000
+MAX_EXPANSION = 2  # declared zip entry bytes per file byte (torch.save stores entries uncompressed)  # one row of ~30 metrics per epoch: far beyond any real run
 
 _repr = reprlib.Repr()
 _repr.maxlevel, _repr.maxdict, _repr.maxlist, _repr.maxtuple = 3, 8, 8, 8
@@ -126,10 +128,30 @@ def signature_differences(saved: dict[str, Any], current: dict[str, Any]) -> lis
     return lines
 
 
+def check_declared_size(path: Path) -> None:
+    """CheckpointError when a checkpoint's zip entries declare more bytes than the file can
+    plausibly hold: torch.save stores tensors uncompressed, so a deflated entry that expands far
+    beyond the file (a 3.2 MB file holding a 1.5 GB tensor) is refused before it is inflated."""
+    if not zipfile.is_zipfile(path):
+        return  # torch's legacy format reads every storage from the file's own bytes
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable atric checkpoint: {exc}") from exc
+    if declared > MAX_EXPANSION * size + (1 << 20):
+        raise CheckpointError(
+            f"{path}: its entries declare {declared} bytes in a {size}-byte file (compressed tensors; "
+            "torch.save writes them uncompressed): not written by atric, refused before inflating"
+        )
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a checkpoint safely (weights_only: tensors and plain containers only)."""
     if not path.exists():
         raise CheckpointError(f"{path}: checkpoint not found (train the run first)")
+    check_declared_size(path)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # a truncated or foreign file raises many different types
