@@ -12,6 +12,7 @@ fails loudly instead of giving wrong weights.
 
 from __future__ import annotations
 
+import math
 import struct
 from pathlib import Path
 
@@ -35,6 +36,9 @@ DTYPES = {
     10: np.dtype("?"),
     19: np.dtype("<f2"),
 }
+
+
+MAX_INDEX_BYTES = 16 << 20  # YAMNet's is 7 kB; names and offsets only
 
 
 def _mask(crc: int) -> int:
@@ -151,6 +155,8 @@ def _handle(raw: bytes, pos: int = 0) -> tuple[int, int, int]:
 
 def read_index(index_path: Path) -> dict[str, _Entry]:
     """Every tensor entry of a bundle's ``.index`` file, by name."""
+    if index_path.stat().st_size > MAX_INDEX_BYTES:
+        raise ValueError(f"{index_path.stat().st_size} bytes: an index lists names and offsets, at most {MAX_INDEX_BYTES}")
     data = index_path.read_bytes()
     if len(data) < FOOTER_SIZE:
         raise ValueError("shorter than a table footer")
@@ -190,22 +196,31 @@ def read_bundle(prefix: str | Path, names: list[str] | None = None) -> dict[str,
     missing = [n for n in names if n not in entries]
     if missing:
         raise CheckpointError(f"{index_path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}")
-    blob = data_path.read_bytes()
+    # Only the tensors' own bytes are read (a padded 3 GB data file once took 3.4 GB of memory),
+    # each after its declared size is checked against its shape and the file's size.
+    file_size = data_path.stat().st_size
     tensors: dict[str, np.ndarray] = {}
-    for name in names:
-        entry = entries[name]
-        where = f"{data_path}: tensor {name!r}"
-        if entry.dtype not in DTYPES or entry.sliced or entry.shard != 0:
-            raise CheckpointError(f"{where}: unsupported (dtype {entry.dtype}, sliced or multi-shard)")
-        dtype = DTYPES[entry.dtype]
-        count = int(np.prod(entry.shape, dtype=np.int64))
-        if entry.size != count * dtype.itemsize or entry.offset + entry.size > len(blob):
-            raise CheckpointError(
-                f"{where}: {entry.size} bytes at offset {entry.offset} do not fit shape {entry.shape} "
-                f"in a {len(blob)}-byte file (truncated or damaged)"
-            )
-        raw = blob[entry.offset : entry.offset + entry.size]
-        if entry.crc32c is not None and _mask(google_crc32c.value(raw)) != entry.crc32c:
-            raise CheckpointError(f"{where}: crc32c mismatch (the file is damaged)")
-        tensors[name] = np.frombuffer(raw, dtype=dtype).reshape(entry.shape).copy()
+    with data_path.open("rb") as blob:
+        for name in names:
+            entry = entries[name]
+            where = f"{data_path}: tensor {name!r}"
+            if entry.dtype not in DTYPES or entry.sliced or entry.shard != 0:
+                raise CheckpointError(f"{where}: unsupported (dtype {entry.dtype}, sliced or multi-shard)")
+            dtype = DTYPES[entry.dtype]
+            count = math.prod(entry.shape)  # exact: a crafted shape cannot overflow into a small size
+            if entry.size != count * dtype.itemsize or entry.offset + entry.size > file_size:
+                raise CheckpointError(
+                    f"{where}: {entry.size} bytes at offset {entry.offset} do not fit shape {entry.shape} "
+                    f"in a {file_size}-byte file (truncated or damaged)"
+                )
+            blob.seek(entry.offset)
+            raw = blob.read(entry.size)
+            tensors[name] = _tensor(raw, entry, dtype, where)
     return tensors
+
+
+def _tensor(raw: bytes, entry: _Entry, dtype: np.dtype, where: str) -> np.ndarray:
+    """One tensor's checked bytes as an array of its shape."""
+    if entry.crc32c is not None and _mask(google_crc32c.value(raw)) != entry.crc32c:
+        raise CheckpointError(f"{where}: crc32c mismatch (the file is damaged)")
+    return np.frombuffer(raw, dtype=dtype).reshape(entry.shape).copy()
