@@ -533,3 +533,30 @@ def test_fused_scores_equal_model_similarity_with_several_experts() -> None:
     # Audio -> captions: clip 3 against every caption, with each caption's own fusion weights.
     query = torch.cat([clips["fa"][3:4], clips["fb"][3:4]], dim=1)
     np.testing.assert_allclose((searcher.caption_matrix @ query.t())[:, 0], expected[:, 3], atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("dataset", "damage", "message"),
+    [
+        ("caption_offsets", lambda a: np.concatenate([a[:1], a[1:][::-1]]), r"caption_offsets do not split the 240 captions among the 48 clips"),
+        ("caption_offsets", lambda a: a * 1000, r"caption_offsets do not split"),
+        ("audio", lambda a: np.where(np.arange(a.shape[1])[None, :, None] == 3, np.nan, a), r"audio holds NaN or inf values"),
+        ("caption_text", lambda a: a + np.inf, r"caption_text holds NaN or inf values"),
+    ],
+)
+def test_a_damaged_index_is_one_line_naming_the_field(
+    trained: dict[str, Any], tmp_path: Path, dataset: str, damage: Any, message: str
+) -> None:
+    """A corrupt caption_offsets was a traceback; a NaN clip row ranked first with score nan."""
+    import shutil
+
+    import h5py
+
+    path = tmp_path / "index.h5"
+    shutil.copy(index_path(trained["params"], RUN), path)
+    with h5py.File(path, "a") as h5:
+        values = damage(h5[dataset][()])
+        del h5[dataset]
+        h5[dataset] = values
+    with pytest.raises(DataError, match=message):
+        load_index(path)

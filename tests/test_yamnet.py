@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -195,3 +196,21 @@ def test_a_padded_weights_file_is_read_tensor_by_tensor_not_whole(tmp_path: Path
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     tensors = read_bundle(prefix)
     assert tensors and resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_a_bundle_entry_without_its_crc32c_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TensorFlow writes a crc32c for every tensor; an entry without one let a flipped byte pass."""
+    from atric.features import tf_bundle
+
+    source = wheel_files()["checkpoint"]
+    real = tf_bundle.read_index
+
+    def without_checksums(index_path: Path) -> dict[str, Any]:
+        entries = real(index_path)
+        for entry in entries.values():
+            entry.crc32c = None
+        return entries
+
+    monkeypatch.setattr(tf_bundle, "read_index", without_checksums)
+    with pytest.raises(CheckpointError, match=r"data-00000-of-00001: tensor .*no crc32c in its index entry"):
+        tf_bundle.read_bundle(source)

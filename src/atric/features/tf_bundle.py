@@ -221,6 +221,8 @@ def read_bundle(prefix: str | Path, names: list[str] | None = None) -> dict[str,
 
 def _tensor(raw: bytes, entry: _Entry, dtype: np.dtype, where: str) -> np.ndarray:
     """One tensor's checked bytes as an array of its shape."""
-    if entry.crc32c is not None and _mask(google_crc32c.value(raw)) != entry.crc32c:
+    if entry.crc32c is None:  # TensorFlow writes one for every tensor: without it a flipped byte passes
+        raise CheckpointError(f"{where}: no crc32c in its index entry (not written by TensorFlow, or damaged)")
+    if _mask(google_crc32c.value(raw)) != entry.crc32c:
         raise CheckpointError(f"{where}: crc32c mismatch (the file is damaged)")
     return np.frombuffer(raw, dtype=dtype).reshape(entry.shape).copy()

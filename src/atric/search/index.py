@@ -53,7 +53,15 @@ from atric.engine import RunPaths, load_checkpoint
 from atric.errors import DataError
 from atric.factory import model_from_checkpoint
 from atric.features.base import sha256_file
-from atric.layout import H5_REPRODUCIBLE, SPLITS, FeatureFile, Layout, local_dataset, read_text_attrs, set_attrs
+from atric.layout import (
+    H5_REPRODUCIBLE,
+    SPLITS,
+    FeatureFile,
+    Layout,
+    local_dataset,
+    read_text_attrs,
+    set_attrs,
+)
 from atric.model import RetrievalModel
 from atric.search.ann import EXACT_BELOW, AnnInfo, ApproximateIndex, ann_path, clip_rows
 
@@ -278,6 +286,15 @@ def load_index(path: str | Path) -> SearchIndex:
         or index.caption_weights.shape != (len(index.captions), x)
     ):
         raise DataError(f"{path}: inconsistent shapes in the search index; rebuild it")
+    offsets = index.caption_offsets
+    if n and (offsets[0] != 0 or offsets[-1] != len(index.captions) or (np.diff(offsets) < 1).any()):
+        raise DataError(
+            f"{path}: caption_offsets do not split the {len(index.captions)} captions among the {n} clips "
+            "(each clip needs at least one); rebuild it"
+        )
+    for name in ("audio", "caption_text", "caption_weights"):
+        if not np.isfinite(getattr(index, name)).all():  # a NaN row would rank first with score nan
+            raise DataError(f"{path}: {name} holds NaN or inf values; rebuild it")
     if "ann" in attrs:
         try:
             info = AnnInfo.from_json(str(attrs["ann"]))
