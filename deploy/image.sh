@@ -183,13 +183,19 @@ check() {
         deploy/stack.sh status >/dev/null || { echo "error: the local stack is down: deploy/stack.sh up" >&2; exit 1; }
         eval "$(deploy/stack.sh env)"
     fi
+    # The settings (a database password, S3 keys) reach the container through a 0600 file owned by
+    # the image's user and mounted read-only, never as `--env NAME=value`: argv is public in `ps`.
     local name
-    for name in "${names[@]}"; do
-        if [ -n "${!name:-}" ]; then envs+=("--env" "$name=${!name}"); fi
-    done
-    envs+=("--env" "OMP_NUM_THREADS=1")
+    SMOKE_SECRETS=$(mktemp -d)
+    trap 'rm -rf "$SMOKE_SECRETS"' EXIT
+    ( umask 077
+      for name in "${names[@]}"; do
+          if [ -n "${!name:-}" ]; then printf '%s=%q\n' "$name" "${!name}"; fi
+      done > "$SMOKE_SECRETS/env" )
+    chown 10001:10001 "$SMOKE_SECRETS/env"
+    envs+=("--volume" "$SMOKE_SECRETS/env:/run/atric/env:ro" "--env" "OMP_NUM_THREADS=1")
     say "smoke: a 1-trial tune on a tiny corpus against the stack"
-    in_image bash -c 'set -euo pipefail; mkdir -p /tmp/smoke && cd /tmp/smoke
+    in_image bash -c 'set -euo pipefail; set -a; . /run/atric/env; set +a; mkdir -p /tmp/smoke && cd /tmp/smoke
         python - <<"EOF"
 import sys
 from pathlib import Path

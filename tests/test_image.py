@@ -23,6 +23,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,6 +46,37 @@ def _require(*tools: str) -> None:
         skip_or_fail("podman builds with a debootstrap base need root here")
 
 
+class CommandLineWatch:
+    """Reads every process's command line (/proc/*/cmdline) every 20 ms in a thread, and records
+    the ones holding any of ``secrets``."""
+
+    def __init__(self, secrets: tuple[str, ...]) -> None:
+        self.secrets = [s.encode() for s in secrets if s]
+        self.seen: list[str] = []
+        self.scans = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.02):
+            for path in Path("/proc").glob("[0-9]*/cmdline"):
+                try:
+                    line = path.read_bytes()
+                except OSError:
+                    continue  # the process ended
+                if any(secret in line for secret in self.secrets):
+                    self.seen.append(f"{path.parent.name}: {line[:80]!r}...")
+            self.scans += 1
+
+    def __enter__(self) -> CommandLineWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def test_dockerignore_keeps_local_state_out() -> None:
     ignored = set((REPO / ".dockerignore").read_text().split())
     for path in ("data/", "models/", "tune/", "indexes/", ".venv/", ".git/", ".env", ".stack/", "mlruns/"):
@@ -57,12 +89,16 @@ def test_image_builds_and_tunes_against_the_local_stack(tmp_path: Path) -> None:
     require_stack_binaries()
     with throwaway_stack("atric-image-") as stack:
         env = {**os.environ, **stack.settings.client_env(), "PYTHON": sys.executable}
+        secrets = (stack.settings.pg_password, stack.settings.s3_secret_key)
         started = time.monotonic()
-        done = subprocess.run(
-            ["bash", "deploy/image.sh", "smoke"], cwd=REPO, env=env, capture_output=True, text=True,
-            timeout=COLD_CAP_SECONDS + 120,
-        )  # fmt: skip
+        with CommandLineWatch(secrets) as watch:
+            done = subprocess.run(
+                ["bash", "deploy/image.sh", "smoke"], cwd=REPO, env=env, capture_output=True, text=True,
+                timeout=COLD_CAP_SECONDS + 120,
+            )  # fmt: skip
         seconds = time.monotonic() - started
+        # No secret in any process's command line while the smoke ran (`ps` shows them to every user).
+        assert watch.scans > 10 and watch.seen == [], watch.seen[:3]
         out = done.stdout + done.stderr
         assert done.returncode == 0, out[-4000:]
         # No secret of the stack in what the script printed.
