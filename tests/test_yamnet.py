@@ -214,3 +214,21 @@ def test_a_bundle_entry_without_its_crc32c_is_refused(tmp_path: Path, monkeypatc
     monkeypatch.setattr(tf_bundle, "read_index", without_checksums)
     with pytest.raises(CheckpointError, match=r"data-00000-of-00001: tensor .*no crc32c in its index entry"):
         tf_bundle.read_bundle(source)
+
+
+def test_a_tensor_shape_whose_size_overflows_int64_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """[2^62, 4] float32 wraps to 0 bytes in int64 arithmetic: matched an empty entry, then a traceback."""
+    from atric.features import tf_bundle
+
+    source = wheel_files()["checkpoint"]
+    real = tf_bundle.read_index
+
+    def overflowing(index_path: Path) -> dict[str, Any]:
+        entries = real(index_path)
+        first = next(e for e in entries.values() if e.dtype in tf_bundle.DTYPES)
+        first.shape, first.size = [2**62, 4], 0
+        return entries
+
+    monkeypatch.setattr(tf_bundle, "read_index", overflowing)
+    with pytest.raises(CheckpointError, match=r"0 bytes at offset \d+ do not fit shape \[4611686018427387904, 4\]"):
+        tf_bundle.read_bundle(source)
