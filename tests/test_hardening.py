@@ -386,6 +386,32 @@ def test_disk_full_during_checkpoint_save_is_one_line_and_the_run_is_failed(
     assert status == "FAILED" and "no space left on" in tags[tracking.FAILURE_TAG]
 
 
+def test_disk_full_during_extraction_is_one_line_not_a_crash(tmp_path: Path, small_tmpfs: Path) -> None:
+    """The first feature shard does not fit: "no space left" and exit 2 (a shard HDF5 failed
+    mid-write once left h5py objects that segfaulted the interpreter at exit, 3 of 3)."""
+    from test_extract import make_corpus
+
+    layout = make_corpus(tmp_path / "corpus", durations=[2.0] * 12)
+    features = small_tmpfs / "logmel.h5"
+    script = (
+        "import sys\n"
+        "from atric.cli import run\n"
+        "from atric.features.base import build_expert\n"
+        "from atric.features.extract import extract_features\n"
+        "from atric.layout import Layout, read_manifest\n"
+        f"layout = Layout({layout.dataset!r}, {str(layout.root)!r})\n"
+        f"layout.features_path = lambda expert, split: __import__('pathlib').Path({str(features)!r})\n"
+        "run(lambda: extract_features(read_manifest(layout.manifest_path), layout, build_expert('logmel', {}),"
+        " 'train', batch_size=12, progress=False) and 0)\n"
+    )
+    for attempt in (1, 2):  # and again, resuming from what fitted
+        done = subprocess.run([sys.executable, "-c", script], env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+        assert done.returncode == 2, (attempt, done.returncode, done.stderr[-3000:])
+        assert f"no space left on {small_tmpfs}" in _one_error_line(done.stderr)
+        assert "Traceback" not in done.stderr and "h5py" not in done.stderr
+    assert not list(small_tmpfs.rglob("*.tmp"))
+
+
 def test_enospc_and_read_only_writes_become_output_errors_without_temp_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

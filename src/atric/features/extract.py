@@ -17,7 +17,9 @@ can be reused, i.e. when an output or shard with the same params hash holds it: 
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import shutil
 import sys
@@ -32,7 +34,7 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from atric.atomic import atomic_path
+from atric.atomic import atomic_path, output_error, write_bytes_atomic
 from atric.audio import load_audio
 from atric.config import Params
 from atric.device import resolve_device
@@ -270,10 +272,24 @@ def _prefetched(
 
 
 def _write_shard(path: Path, phash: str, rows: list[tuple[str, np.ndarray, str]]) -> None:
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as h5:
+    """A shard built in memory, then written with one plain write: a full disk is a clean
+    OSError (an HDF5 file that fails mid-write left h5py objects that crashed the interpreter)."""
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as h5:
         h5.attrs["params_hash"] = phash
         for clip_id, array, fingerprint in rows:
             h5.create_dataset(clip_id, data=array, track_times=False).attrs[FINGERPRINT_ATTR] = fingerprint
+    write_bytes_atomic(path, buffer.getbuffer())
+
+
+def _check_space_for(output: Path, sources: Sequence[Path]) -> None:
+    """OutputError before merging when the output's folder has less room than its sources take:
+    HDF5 failing mid-write cannot be recovered from cleanly (the process crashed at exit)."""
+    need = sum(p.stat().st_size for p in set(sources) if p.exists())
+    output.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(output.parent).free
+    if need > free:
+        raise output_error(OSError(errno.ENOSPC, f"{need} bytes needed, {free} free"), output)
 
 
 def _merge(
@@ -284,6 +300,7 @@ def _merge(
 ) -> None:
     """Write the output from its sources in manifest order, through a temp file."""
     handles: dict[Path, h5py.File] = {}
+    _check_space_for(output, [source for clip_id in order if (source := done.source.get(clip_id)) is not None])
     try:
         with atomic_path(output) as tmp, h5py.File(tmp, "w") as out:
             for key in sorted(attrs):  # sorted, and no timestamps: byte-identical outputs (issue #14)
