@@ -536,3 +536,10 @@ def test_postgres_restart_under_two_busy_workers_loses_and_duplicates_nothing(
     assert counts(study) == {"COMPLETE": total}, [o[-1500:] for o in outputs]
     assert sorted(t.number for t in study.trials) == list(range(total))
     assert all(sorted(t.intermediate_values) == list(range(1, epochs + 1)) for t in study.trials)
+
+
+def test_the_study_names_its_objective(tmp_path: Path, data_root: Path, env: dict[str, str]) -> None:
+    """Optuna's plots and optuna-dashboard show the metric's name, not "Objective 0"."""
+    study = tuning.create_study(load_params(write_tune_params(tmp_path, data_root, study_name="named")))
+    assert study.metric_names == ["val_t2a_geometric_mean"]
+    assert tuning.load_study(load_params(tmp_path / "params.yaml")).metric_names == ["val_t2a_geometric_mean"]
