@@ -485,6 +485,9 @@ def test_dvc_command_reproduces_the_best_trial_exactly(
     study = tuning.load_study(params)
     result = tuning.write_results(params, study, plots=False, baseline=file_params)
     words = shlex.split(result.command)
+    # Only the trial's run: its evaluate stage as the target, not the pipeline's whole matrix.
+    assert words[-1] == "evaluate@fa-netvlad" and "evaluate@fa-netvlad" in result.best_params.read_text()
+    words = words[:-1]
     assert words[:3] == ["dvc", "exp", "run"] and words[3::2] == ["-S"] * (len(words[3:]) // 2)
     for key in ("train.pooling=netvlad", "train.epochs=2", "train.text_clusters=3", "train.experts=[fa]"):
         assert key in words, result.command

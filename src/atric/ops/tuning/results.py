@@ -53,7 +53,16 @@ def dvc_command(study: optuna.Study, baseline: Params | None = None) -> str:
     parts = ["dvc", "exp", "run"]
     for key in sorted(keys):
         parts += ["-S", f"{key}={_yaml_value(wanted[key])}"]
-    return shlex.join(parts)
+    # The trial's own run only (and what it depends on), not every run of the pipeline's matrix.
+    return shlex.join([*parts, reproduce_stage(wanted["train.experts"], wanted["train.pooling"])])
+
+
+def reproduce_stage(experts: list[str], pooling: str) -> str:
+    """The dvc.yaml stage that trains and evaluates the run of ``experts`` and ``pooling``: one
+    matrix cell (``evaluate@<expert>-<pooling>``) or the fused run of several experts."""
+    if len(experts) > 1:
+        return f"evaluate_fused@{pooling}"
+    return f"evaluate@{experts[0]}-{pooling}"
 
 
 @dataclass
@@ -89,7 +98,8 @@ def write_results(
     out = study_dir(params)
     header = (
         f"# Best trial {trial.number} of study {study.study_name}: {OBJECTIVE} = {trial.value:.4f}\n"
-        f"# Merge into params.yaml, or reproduce it exactly as a DVC experiment:\n#   {command}\n"
+        f"# Merge into params.yaml, or reproduce it exactly as a DVC experiment (it trains and\n"
+        f"# evaluates this one run, {shlex.split(command)[-1]}, and what it depends on):\n#   {command}\n"
     )
     path = out / "best_params.yaml"
     write_text_atomic(path, header + yaml.safe_dump(best, sort_keys=True))
