@@ -28,12 +28,16 @@ $(BIN)/.installed: pyproject.toml
 venv: $(BIN)/.installed
 
 # The raw corpus: pulled from the DVC remote when one is configured and has it,
-# otherwise generated (deterministic: the same bytes data.dvc records).
+# otherwise generated (deterministic: the same bytes data.dvc records) and put into DVC's
+# cache, so `dvc status` is clean and `dvc exp run --temp/--queue` and `dvc push` carry it.
 data/raw: | venv
 	if [ -n "$$($(BIN)/dvc remote list)" ] && $(BIN)/dvc pull --quiet; then \
 		echo "pulled data and pipeline outputs from the DVC remote"; \
 	else \
-		$(BIN)/python src/synthesize.py; \
+		$(BIN)/python src/synthesize.py && before=$$(cat data.dvc) && $(BIN)/dvc commit -f -q data.dvc && \
+		if [ "$$before" != "$$(cat data.dvc)" ]; then \
+			echo "warning: the generated corpus differs from the one data.dvc recorded (see git diff data.dvc)" >&2; \
+		fi; \
 	fi
 
 # The pipeline: `dvc repro` with independent stages side by side (src/repro.py; --jobs 1 is plain dvc repro).

@@ -328,3 +328,27 @@ def test_read_synth_raw_reports_missing_and_malformed_captions_file(tmp_path: Pa
     path.write_text(json.dumps({"format": "clotho", "clips": []}))
     with pytest.raises(DataError, match=re.escape(str(path)) + ".*format"):
         read_synth_raw(tmp_path)
+
+
+@pytest.mark.slow
+def test_make_data_raw_puts_the_generated_corpus_into_dvcs_cache(tmp_path: Path) -> None:
+    """`make run`'s corpus step: generated, then in DVC's cache, so `dvc status` is clean (it said
+    "data.dvc: changed outs: not in cache: data/raw", and `dvc exp run --temp/--queue` failed)."""
+    import subprocess
+    import sys
+
+    import fakes
+
+    work = fakes.copy_repo_with_params(tmp_path / "repo", {})
+    venv = Path(sys.executable).parent.parent
+    env = fakes.dvc_env()
+    for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-q", "-m", "clone"]):
+        subprocess.run(command, cwd=work, env=env, check=True, capture_output=True)
+    # The project's venv as it is (-o: not "updated" because the copy's pyproject.toml is newer).
+    done = subprocess.run(["make", "-s", f"VENV={venv}", "-o", f"{venv}/bin/.installed", "data/raw"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "differs from the one data.dvc recorded" not in done.stderr  # the same bytes as committed
+    status = subprocess.run(["dvc", "status", "data.dvc"], cwd=work, env=env, capture_output=True, text=True)
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout + status.stderr
+    assert subprocess.run(["git", "diff", "--quiet", "data.dvc"], cwd=work).returncode == 0
