@@ -232,3 +232,21 @@ def test_a_tensor_shape_whose_size_overflows_int64_is_refused(monkeypatch: pytes
     monkeypatch.setattr(tf_bundle, "read_index", overflowing)
     with pytest.raises(CheckpointError, match=r"0 bytes at offset \d+ do not fit shape \[4611686018427387904, 4\]"):
         tf_bundle.read_bundle(source)
+
+
+def test_tag_names_the_recordings_labelled_class_first(tmp_path: Path) -> None:
+    """`python src/tag.py` on the labelled street scene with bicycle bells in YAMNet's wheel."""
+    import json
+    import subprocess
+    import sys
+
+    wav = wheel_files()["test_wav"]
+    root = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(root / "src")}
+    done = subprocess.run([sys.executable, str(root / "src" / "tag.py"), str(wav), "--top-k", "3", "--json"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    ((result,),) = [json.loads(done.stdout)]
+    assert result["file"] == str(wav) and [t["class"] for t in result["tags"]][0] == "Bicycle bell"
+    scores = [t["score"] for t in result["tags"]]
+    assert scores == sorted(scores, reverse=True) and len(scores) == 3

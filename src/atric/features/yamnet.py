@@ -255,3 +255,10 @@ class Yamnet(AudioExpert):
         with torch.inference_mode():
             _, logits = self.model(torch.from_numpy(self.patches(waveform)).to(self.device))
         return torch.sigmoid(logits).float().cpu().numpy()
+
+    def tags(self, waveform: np.ndarray, top_k: int = 5) -> list[tuple[str, float]]:
+        """The clip's ``top_k`` AudioSet classes and their scores, averaged over its patches as
+        YAMNet's own inference example does (a class heard throughout outranks a blip)."""
+        clip = self.scores(waveform).mean(axis=0)
+        names = class_names()
+        return [(names[i], float(clip[i])) for i in np.argsort(-clip, kind="stable")[:top_k]]
