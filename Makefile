@@ -43,7 +43,7 @@ data/raw: | venv
 # The pipeline: `dvc repro` with independent stages side by side (src/repro.py; --jobs 1 is plain dvc repro).
 run: venv data/raw
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python src/repro.py
-	$(BIN)/dvc metrics show
+	$(BIN)/python src/report.py --summary
 
 ui: venv
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db \

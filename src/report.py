@@ -3,6 +3,7 @@ order) + PNG plots + reports/plots/*.json for `dvc plots show`, and the champion
 reports/champion.json, registered in MLflow with the `champion` alias.
 
     python src/report.py [--out reports] [--no-register]
+    python src/report.py --summary     # print the main comparison (what `make run` ends with); writes nothing
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from pathlib import Path
 from atric.cli import add_params_arguments, params_from_args, run
 from atric.engine import SELECTION_METRIC, evaluation_metrics_dir
 from atric.layout import Layout, read_index
-from atric.ops.champion import CHAMPION_FILE, choose_champion, register_champion, write_champion
-from atric.report import load_histories, load_run_metrics, write_report
+from atric.ops.champion import CHAMPION_FILE, choose_champion, read_champion, register_champion, write_champion
+from atric.report import group_runs, load_histories, load_run_metrics, summary_table, write_report
 
 
 def main() -> int:
@@ -24,11 +25,19 @@ def main() -> int:
         "--out", default=str(CHAMPION_FILE.parent), help=f"output folder (default: {CHAMPION_FILE.parent})"
     )
     parser.add_argument("--no-register", action="store_true", help="do not touch the MLflow registry")
+    parser.add_argument("--summary", action="store_true", help="print the compact results table; write nothing")
     args = parser.parse_args()
     params = params_from_args(args)
     split = params.evaluate.split
     layout = Layout(params.data.dataset, params.data.root)
     runs, other_corpus_runs = load_run_metrics(evaluation_metrics_dir(params.train, split), layout)
+    if args.summary:
+        print(f"{params.data.dataset}, {split} split (reports/results.md has every column, std and significance):")
+        print(summary_table(group_runs(list(runs), params.train.seed), runs))
+        champion = Path(args.out) / CHAMPION_FILE.name
+        if champion.exists():
+            print(f"champion, chosen on val: {read_champion(champion)['run']}")
+        return 0
     histories = load_histories(Path(params.train.metrics_dir) / "history", list(runs))
     champion = choose_champion(params)
     n_clips = len(read_index(layout.index_path(split), split))

@@ -76,11 +76,11 @@ def project(tmp_path: Path) -> dict[str, Any]:
 
 
 def run_report(
-    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *extra: str
 ) -> tuple[int, str, str]:
     """src/report.py in this process (an interpreter start costs more than the whole test)."""
     out = project["root"] / "reports"
-    argv = ["report.py", "--params", str(project["params_file"]), "--out", str(out), "--no-register"]
+    argv = ["report.py", "--params", str(project["params_file"]), "--out", str(out), "--no-register", *extra]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_path(str(REPO / "src" / "report.py"), run_name="__main__")
@@ -306,3 +306,24 @@ def test_a_fused_champion_is_not_registered_and_the_report_goes_on(tmp_path: Pat
     )
     monkeypatch.setattr(tracking, "register_with_alias", lambda *a: pytest.fail("must not register a fused model"))
     assert register_champion(params, champion) is None
+
+
+def test_the_summary_fits_a_terminal_and_writes_nothing(
+    project: dict[str, Any], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What `make run` ends with (dvc metrics show was ~770 columns wide)."""
+    metrics = project["root"] / "metrics"
+    write_run(metrics, "logmel-mean", val=40.0, test=30.0)
+    write_run(metrics, "logmel-netvlad", val=50.0, test=60.0)
+    write_run(metrics, "logmel-netvlad-seed1", val=48.0, test=50.0)
+    assert run_report(project, monkeypatch, capsys)[0] == 0  # the report stage, then its summary
+    before = sorted(p.name for p in (project["root"] / "reports").iterdir())
+    code, out, err = run_report(project, monkeypatch, capsys, "--summary")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert max(len(line) for line in lines) < 80
+    assert lines[1].split() == ["expert", "pooling", "seeds", "t2a", "R@1", "t2a", "R@10", "a2t", "R@1", "a2t", "R@10", "t2a", "geo"]
+    netvlad = next(line.split() for line in lines if "netvlad" in line)
+    assert netvlad[:3] == ["logmel", "netvlad", "2"] and netvlad[-1] == "55.0"  # the mean over the two seeds
+    assert "champion, chosen on val: logmel-netvlad" in out
+    assert sorted(p.name for p in (project["root"] / "reports").iterdir()) == before

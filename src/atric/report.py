@@ -247,6 +247,23 @@ def results_table(
     return "\n".join(rows)
 
 
+SUMMARY_COLUMNS = (("t2a R@1", "t2a_R1"), ("t2a R@10", "t2a_R10"), ("a2t R@1", "a2t_R1"),
+                   ("a2t R@10", "a2t_R10"), ("t2a geo", "t2a_geometric_mean"))
+
+
+def summary_table(groups: Sequence[RunGroup], metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """The main comparison for a terminal (under 80 columns): expert, pooling, seeds and the test
+    recalls, means over seeds; the full table with std and significance is reports/results.md."""
+    header = ["expert", "pooling", "seeds", *(name for name, _ in SUMMARY_COLUMNS)]
+    rows = [
+        [g.expert, g.pooling, str(len(g.runs)), *(f"{g.values(metrics, key).mean():.1f}" for _, key in SUMMARY_COLUMNS)]
+        for g in groups
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in [header, *rows]]
+    return "\n".join(line.rstrip() for line in lines)
+
+
 def noise_section(groups: Sequence[RunGroup], metrics: Mapping[str, Mapping[str, float]]) -> list[str]:
     lines = ["## Seed noise", ""]
     comparisons = compare_poolings(groups, metrics)
