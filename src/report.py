@@ -14,7 +14,13 @@ from pathlib import Path
 from atric.cli import add_params_arguments, params_from_args, run
 from atric.engine import SELECTION_METRIC, evaluation_metrics_dir
 from atric.layout import Layout, read_index
-from atric.ops.champion import CHAMPION_FILE, choose_champion, read_champion, register_champion, write_champion
+from atric.ops.champion import (
+    CHAMPION_FILE,
+    choose_champion,
+    read_champion,
+    register_champion,
+    write_champion,
+)
 from atric.report import group_runs, load_histories, load_run_metrics, summary_table, write_report
 
 

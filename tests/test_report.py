@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from atric.config import Params
+from atric.engine.runs import run_identity
 from atric.errors import DataError
 from atric.layout import Clip, Layout, write_index
 from atric.metrics import RECALL_KS
-from atric.engine.runs import run_identity
 from atric.ops.champion import CHAMPION_METRIC, champion_run, read_champion, register_champion
 from atric.report import (
     compare_poolings,

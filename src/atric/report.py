@@ -25,8 +25,8 @@ matplotlib.use("Agg")  # no display on workers and CI
 import matplotlib.pyplot as plt
 
 from atric.atomic import atomic_path, write_json_atomic, write_text_atomic
-from atric.errors import DataError
 from atric.engine.runs import of_corpus
+from atric.errors import DataError
 from atric.layout import EVAL_CAPTIONS_PER_CLIP, Layout
 from atric.metrics import RECALL_KS
 
